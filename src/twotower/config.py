@@ -1,0 +1,169 @@
+"""Run configuration: one YAML file, validated by pydantic, with dotted command-line overrides.
+
+Every section forbids unknown keys, so a misspelt key is an error that names it - never silently
+ignored. ``load_config("run.yaml", ["train.lr=1e-3"])`` reads the file, applies overrides (values are
+parsed as YAML, so ``1e-3``, ``[64, 32]`` and ``null`` mean what they look like), then validates. The
+resolved config is written into every run directory (``save_config``) so a run can be repeated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from twotower.data.loader import InteractionColumns
+from twotower.data.synthetic import WorldConfig
+from twotower.features import FeatureSpec, IdFeature
+from twotower.retrieval import ModelConfig
+from twotower.storage import atomic_write_text
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MovieLensSource(_Strict):
+    source: Literal["movielens"] = "movielens"
+    name: Literal["ml-100k", "ml-1m", "ml-20m", "ml-25m"] = "ml-100k"
+    path: str | None = Field(None, description="local folder or zip; None downloads into the cache")
+    cache_dir: str | None = None
+
+
+class SyntheticSource(_Strict):
+    source: Literal["synthetic"] = "synthetic"
+    world: WorldConfig = Field(default_factory=WorldConfig)
+
+
+class FileSource(_Strict):
+    source: Literal["files"] = "files"
+    interactions: str = Field(description="CSV or Parquet interaction log")
+    columns: InteractionColumns = Field(default_factory=InteractionColumns)
+    users: str | None = Field(None, description="optional user feature table keyed by user_key")
+    items: str | None = Field(None, description="optional item feature table keyed by item_key")
+    user_key: str = "user_id"
+    item_key: str = "item_id"
+    on_bad_rows: Literal["raise", "skip"] = "raise"
+
+
+DataConfig = Annotated[MovieLensSource | SyntheticSource | FileSource, Field(discriminator="source")]
+
+
+def _id_feature(name: str) -> list[FeatureSpec]:
+    return [IdFeature(name=name)]
+
+
+class FeaturesConfig(_Strict):
+    """Features of each side; the default is the entity id alone (matrix factorisation)."""
+
+    user: list[FeatureSpec] = Field(default_factory=lambda: _id_feature("user_id"))
+    item: list[FeatureSpec] = Field(default_factory=lambda: _id_feature("item_id"))
+
+
+class StreamingConfig(_Strict):
+    num_buckets: int = Field(2**17, ge=1, description="hash buckets per hash function")
+    num_hashes: int = Field(1, ge=1)
+    alpha: float = Field(0.01, gt=0, le=1)
+
+
+class TaskConfig(_Strict):
+    logq: Literal["none", "counts", "streaming"] = Field(
+        "none", description="sampling-bias correction: none, exact training counts, or streaming sketch"
+    )
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    remove_accidental_hits: bool = True
+
+
+class EarlyStoppingConfig(_Strict):
+    metric: str = "ndcg@10"
+    patience: int = Field(3, ge=1)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(1024, ge=2)
+    optimizer: Literal["adamw", "adagrad"] = "adamw"
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    early_stopping: EarlyStoppingConfig | None = None
+    valid_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of training rows held out for early stopping when the "
+        "protocol has no validation split of its own",
+    )
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps the default")
+
+
+class EvalConfig(_Strict):
+    protocol: Literal["msrec", "tfrs", "temporal"] = "msrec"
+    ks: list[int] = Field(default_factory=lambda: [10])
+
+
+class RunConfig(_Strict):
+    data: DataConfig = Field(default_factory=SyntheticSource)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate; the message names the file and every bad key."""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``"a.b.c=value"`` overrides applied (value parsed as YAML)."""
+    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return result
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(
+            f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: invalid config\n{problems}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config. ``path=None`` starts from the defaults."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return parse_config(apply_overrides(raw, overrides or []), source)
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the fully resolved config (every default spelled out) as YAML, atomically."""
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(config), sort_keys=False))

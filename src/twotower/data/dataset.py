@@ -1,0 +1,172 @@
+"""From a data config to encoded tensors: raw logs -> protocol split -> catalogue -> feature tables.
+
+The order matters and is the point of this module:
+1. load the raw interaction log (and optional user/item feature tables) from any source;
+2. split it by the evaluation protocol *before* anything is fitted, so vocabularies and numeric
+   statistics come from training data only (ids first seen at test time map to the OOV bucket);
+3. build the catalogue - every user and item known to the logs or feature tables - which fixes the
+   integer index of each entity; full-corpus evaluation ranks all catalogue items;
+4. encode one feature row per catalogue entity (the tables the towers look up by index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from twotower.config import FileSource, MovieLensSource, RunConfig, SyntheticSource
+from twotower.data.loader import load_interactions, load_table
+from twotower.data.movielens import load_movielens
+from twotower.data.synthetic import SyntheticWorld
+from twotower.evaluate import split_for
+from twotower.features import FeatureEncoder
+
+USER, ITEM = "user_id", "item_id"
+
+
+@dataclass
+class RawData:
+    interactions: pd.DataFrame  # user_id, item_id and optional timestamp, rating, weight
+    users: pd.DataFrame | None  # keyed by user_id
+    items: pd.DataFrame | None  # keyed by item_id
+    world: SyntheticWorld | None = None  # the known truth, when the data is synthetic
+
+
+@dataclass
+class Interactions:
+    """Interactions as catalogue indices (the form training and evaluation consume)."""
+
+    user_idx: Tensor
+    item_idx: Tensor
+    weight: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.user_idx)
+
+
+@dataclass
+class RetrievalData:
+    user_ids: np.ndarray  # raw id of each user index
+    item_ids: np.ndarray  # raw id of each item index
+    user_encoder: FeatureEncoder
+    item_encoder: FeatureEncoder
+    user_table: dict[str, Tensor]
+    item_table: dict[str, Tensor]
+    train: Interactions
+    valid: Interactions | None
+    test: Interactions
+    items: pd.DataFrame | None  # item metadata (titles...) in raw-id form, for display
+    raw: RawData
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+
+def load_raw(source: MovieLensSource | SyntheticSource | FileSource) -> RawData:
+    """Load the raw logs of any configured source into canonical column names."""
+    if isinstance(source, MovieLensSource):
+        ml = load_movielens(source.name, path=source.path, cache_dir=source.cache_dir)
+        return RawData(ml.interactions, ml.users, ml.items)
+    if isinstance(source, SyntheticSource):
+        world = SyntheticWorld.generate(source.world)
+        return RawData(world.sample_interactions(), world.users, world.items, world=world)
+    loaded = load_interactions(source.interactions, source.columns, on_bad_rows=source.on_bad_rows)
+    users = load_table(source.users, key=source.user_key) if source.users else None
+    items = load_table(source.items, key=source.item_key) if source.items else None
+    if users is not None:
+        users = users.rename(columns={source.user_key: USER})
+    if items is not None:
+        items = items.rename(columns={source.item_key: ITEM})
+    return RawData(loaded.frame, users, items)
+
+
+def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> RetrievalData:
+    raw = raw or load_raw(config.data)
+    train_df, valid_df, test_df = split_for(config.eval.protocol, raw.interactions)
+    if valid_df is None and config.train.valid_fraction > 0:
+        train_df, valid_df = _holdout(train_df, config.train.valid_fraction, config.train.seed)
+
+    user_ids = _catalogue(raw.interactions[USER], raw.users)
+    item_ids = _catalogue(raw.interactions[ITEM], raw.items)
+    user_frame = _entity_frame(USER, user_ids, raw.users)
+    item_frame = _entity_frame(ITEM, item_ids, raw.items)
+
+    user_encoder = FeatureEncoder(list(config.features.user))
+    item_encoder = FeatureEncoder(list(config.features.item))
+    train_users, train_items = train_df[USER].unique(), train_df[ITEM].unique()
+    user_encoder.fit(user_frame[user_frame[USER].isin(train_users)], id_values=train_users)
+    item_encoder.fit(item_frame[item_frame[ITEM].isin(train_items)], id_values=train_items)
+
+    user_pos = pd.Index(user_ids)
+    item_pos = pd.Index(item_ids)
+    return RetrievalData(
+        user_ids=user_ids,
+        item_ids=item_ids,
+        user_encoder=user_encoder,
+        item_encoder=item_encoder,
+        user_table=user_encoder.transform(user_frame),
+        item_table=item_encoder.transform(item_frame),
+        train=_to_indices(train_df, user_pos, item_pos),
+        valid=None if valid_df is None else _to_indices(valid_df, user_pos, item_pos),
+        test=_to_indices(test_df, user_pos, item_pos),
+        items=raw.items,
+        raw=raw,
+    )
+
+
+def iterate_batches(
+    data: Interactions, batch_size: int, seed: int, epoch: int, drop_last: bool = False
+) -> Iterator[dict[str, Tensor]]:
+    """Shuffled batches whose order depends only on (seed, epoch), so a resumed run sees the same."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(data), generator=generator)
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < 2:  # an in-batch softmax needs at least one negative
+            continue
+        batch = {"user_idx": data.user_idx[idx], "item_idx": data.item_idx[idx]}
+        if data.weight is not None:
+            batch["weight"] = data.weight[idx]
+        yield batch
+
+
+def _holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    mask = np.random.default_rng(seed).random(len(df)) < fraction
+    return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
+
+
+def _catalogue(ids: pd.Series, table: pd.DataFrame | None) -> np.ndarray:
+    values = pd.Index(ids.unique())
+    if table is not None:
+        values = values.union(pd.Index(table[ids.name].unique()))
+    return np.asarray(values.sort_values())
+
+
+def _entity_frame(key: str, ids: np.ndarray, table: pd.DataFrame | None) -> pd.DataFrame:
+    frame = pd.DataFrame({key: ids})
+    if table is None:
+        return frame
+    return frame.merge(table, on=key, how="left", validate="one_to_one")
+
+
+def _to_indices(df: pd.DataFrame, users: pd.Index, items: pd.Index) -> Interactions:
+    weight: Any = None
+    if "weight" in df.columns:
+        weight = torch.as_tensor(df["weight"].to_numpy(np.float32))
+    return Interactions(
+        user_idx=torch.as_tensor(users.get_indexer(df[USER]), dtype=torch.long),
+        item_idx=torch.as_tensor(items.get_indexer(df[ITEM]), dtype=torch.long),
+        weight=weight,
+    )

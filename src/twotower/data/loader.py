@@ -1,0 +1,369 @@
+"""Generic loaders for interaction logs and user/item feature tables (CSV/TSV/TXT and Parquet).
+
+Every problem is reported as a `DataError` that names the file, the 1-based data row (and, for text
+files, the physical line, header = line 1) and the column, so that a bad cell in a large file can be
+found without guessing.
+
+Conventions:
+
+- **Formats** by suffix: ``.csv`` (``,``), ``.tsv`` (``\\t``), ``.txt`` (separator sniffed from the
+  header unless given), ``.parquet``/``.pq``. Text files must have a header row. Blank lines are not
+  data rows and are ignored.
+- **Ids** keep their identity: in text files a column whose every value is a canonical integer literal
+  (``12``, ``-3``; not ``007``, which would silently merge with ``7``) becomes int64; in Parquet an
+  integer column (or a float column holding only whole numbers, which is what a nullable integer
+  column becomes in pandas) becomes int64. Anything else becomes ``str``. Surrounding spaces are
+  stripped from text ids.
+- **Missing** means NaN/None or, in text, an empty cell or one of ``nan NaN NA N/A NULL null None``.
+  A configured column that is missing in a row makes that row bad (ids, rating, weight, timestamp).
+- **Timestamps** become int64 Unix seconds. With ``timestamp_format=None`` a bare number is Unix seconds
+  (a fraction is floored) and anything else must be ISO-8601; zone-less times are taken as UTC.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from twotower.data.errors import DataError
+
+log = logging.getLogger("twotower.data")
+
+_TEXT_SEPS = {".csv": ",", ".tsv": "\t"}
+_TEXT_SUFFIXES = {".csv", ".tsv", ".txt"}
+_PARQUET_SUFFIXES = {".parquet", ".pq"}
+_NA_TOKENS = ["", "nan", "NaN", "NA", "N/A", "NULL", "null", "None"]
+_CANONICAL_INT = r"^(?:0|-?[1-9][0-9]{0,17})$"  # <= 18 digits always fits in int64
+_EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
+_MAX_EXAMPLES = 5
+
+
+class InteractionColumns(BaseModel):
+    """Which file columns hold what; optional columns are only read when named."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str | None = None
+    rating: str | None = None
+    weight: str | None = None
+    timestamp_format: str | None = None  # strftime format; None: Unix seconds or ISO-8601
+
+
+@dataclass
+class LoadedInteractions:
+    """Canonical interactions (file order) plus what was dropped in ``on_bad_rows="skip"`` mode."""
+
+    frame: pd.DataFrame  # user_id, item_id[, timestamp int64][, rating float64][, weight float64]
+    path: Path
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Raw:
+    """Raw cells of a file plus the bookkeeping needed to point back into it."""
+
+    path: Path
+    frame: pd.DataFrame
+    sep: str | None  # None for Parquet
+    rows: np.ndarray  # 1-based data-row number of each frame row
+    malformed: list[DataError]  # text rows with too many fields (already dropped from frame)
+
+    def errors(self, found: list[tuple[int, str, str]]) -> list[DataError]:
+        """DataErrors for (frame position, column, reason) triples, with physical lines for text."""
+        rows = [int(self.rows[pos]) for pos, _, _ in found]
+        lines = _lines_of(self.path, self.sep, set(rows)) if self.sep is not None else {}
+        return [
+            DataError(self.path, reason, row=row, line=lines.get(row), column=col)
+            for row, (_, col, reason) in zip(rows, found, strict=True)
+        ]
+
+
+def _records(path: Path, sep: str) -> Iterator[tuple[int, int, int]]:
+    """(data row, physical line, field count) of each non-blank record after the header."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        next(reader, None)
+        row, last_line = 0, reader.line_num
+        for record in reader:
+            start, last_line = last_line + 1, reader.line_num
+            if record:  # blank lines are not data rows (pandas skips them too)
+                row += 1
+                yield row, start, len(record)
+
+
+def _lines_of(path: Path, sep: str, rows: set[int]) -> dict[int, int]:
+    # Only run when reporting errors: a Python-level scan is exact (quoted newlines) but slow.
+    found: dict[int, int] = {}
+    if rows:
+        last = max(rows)
+        for row, line, _ in _records(path, sep):
+            if row in rows:
+                found[row] = line
+            if row >= last:
+                break
+    return found
+
+
+def _resolve_sep(path: Path, sep: str | None) -> str:
+    if sep is not None:
+        if len(sep) != 1:
+            raise ValueError(f"sep must be a single character, got {sep!r}")
+        return sep
+    if path.suffix.lower() in _TEXT_SEPS:
+        return _TEXT_SEPS[path.suffix.lower()]
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        header = fh.readline()
+    try:
+        return csv.Sniffer().sniff(header, delimiters=",\t|;").delimiter
+    except csv.Error:
+        raise DataError(path, "cannot infer the separator from the header; pass sep=", line=1) from None
+
+
+def _check_columns(path: Path, available: list[str], required: list[str]) -> None:
+    for col in required:
+        if col not in available:
+            raise DataError(path, f"column not found; available columns: {available}", column=col)
+
+
+def _read(path: str | Path, sep: str | None, required: list[str], dtype: Any, default_na: bool) -> _Raw:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in _PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
+
+        try:
+            available = pq.read_schema(path).names
+        except Exception as exc:  # pyarrow raises several types for non-Parquet bytes
+            raise DataError(path, f"not a readable Parquet file ({exc})") from exc
+        _check_columns(path, available, required)
+        frame = pd.read_parquet(path)
+        return _Raw(path, frame.reset_index(drop=True), None, np.arange(1, len(frame) + 1), [])
+    if suffix not in _TEXT_SUFFIXES:
+        raise DataError(path, f"unsupported file type {suffix!r} (use .csv, .tsv, .txt, .parquet)")
+    sep = _resolve_sep(path, sep)
+    try:
+        available = list(pd.read_csv(path, sep=sep, nrows=0).columns)
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "empty file (a header row is required)") from None
+    _check_columns(path, available, required)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pd.errors.ParserWarning)
+        # on_bad_lines="warn" keeps reading past rows with too many fields; they are located below.
+        frame = pd.read_csv(
+            path, sep=sep, dtype=dtype, keep_default_na=default_na, on_bad_lines="warn", encoding="utf-8-sig"
+        )
+    for w in caught:
+        if "Skipping line" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    rows = np.arange(1, len(frame) + 1)
+    malformed: list[DataError] = []
+    if any("Skipping line" in str(w.message) for w in caught):
+        kept = []
+        for row, line, n in _records(path, sep):
+            if n > len(available):
+                reason = f"expected {len(available)} fields, saw {n}"
+                malformed.append(DataError(path, reason, row=row, line=line))
+            else:
+                kept.append(row)
+        rows = np.asarray(kept[: len(frame)])
+    return _Raw(path, frame, sep, rows, malformed)
+
+
+# --- cell parsing ---------------------------------------------------------------------------------
+
+_Check = tuple[np.ndarray, Callable[[int], str]]  # bad-row mask, reason for a bad position
+
+
+def _py(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _missing(raw: pd.Series) -> np.ndarray:
+    miss = raw.isna().to_numpy()
+    if not (pd.api.types.is_numeric_dtype(raw) or pd.api.types.is_datetime64_any_dtype(raw)):
+        miss = miss | raw.astype(str).str.strip().isin(_NA_TOKENS).to_numpy()
+    return miss
+
+
+def _id_check(raw: pd.Series, what: str) -> _Check:
+    return _missing(raw), lambda _pos: f"missing {what}"
+
+
+def _normalise_ids(values: pd.Series, text: bool) -> pd.Series:
+    """int64 when the column is integral (see module docstring), else str."""
+    if pd.api.types.is_bool_dtype(values):
+        return values.astype(str)
+    if pd.api.types.is_integer_dtype(values):
+        return values.astype(np.int64)
+    if pd.api.types.is_float_dtype(values):
+        arr = values.to_numpy(dtype=np.float64)
+        if np.all(np.mod(arr, 1) == 0) and np.all(np.abs(arr) < 2**53):
+            return pd.Series(arr.astype(np.int64), index=values.index)
+        return values.astype(str)
+    if text:
+        stripped = values.astype(str).str.strip()
+        if stripped.str.fullmatch(_CANONICAL_INT).all():
+            return stripped.astype(np.int64)
+        return stripped
+    if values.map(lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)).all():
+        return values.astype(np.int64)
+    return values.astype(str)
+
+
+def _number_check(raw: pd.Series, what: str, non_negative: bool) -> tuple[np.ndarray, _Check]:
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    missing = _missing(raw)
+    bad = missing | ~np.isfinite(values) | ((values < 0) if non_negative else False)
+
+    def reason(pos: int) -> str:
+        cell = _py(raw.iloc[pos])
+        if missing[pos]:
+            return f"missing {what}"
+        if np.isnan(values[pos]):
+            return f"not a number: {cell!r}"
+        if np.isinf(values[pos]):
+            return f"not a finite number: {cell!r}"
+        return f"negative {what}: {cell!r}"
+
+    return values, (bad, reason)
+
+
+def _timestamp_check(raw: pd.Series, fmt: str | None) -> tuple[np.ndarray, _Check]:
+    missing = _missing(raw)
+    seconds = np.zeros(len(raw), dtype=np.int64)
+    ok = np.zeros(len(raw), dtype=bool)
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        dt = raw if raw.dt.tz is not None else raw.dt.tz_localize("UTC")
+        ok = ~missing
+        seconds[ok] = ((dt[ok] - _EPOCH) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
+    else:
+        is_number = pd.api.types.is_numeric_dtype(raw)
+        if is_number or fmt is None:
+            # A bare number is Unix seconds (a fraction is floored); text goes to the date parser below.
+            numbers = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            with np.errstate(invalid="ignore"):
+                ok = ~missing & (np.abs(numbers) < 2**53)  # also rejects NaN/inf
+            seconds[ok] = np.floor(numbers[ok]).astype(np.int64)
+        rest = ~missing & ~ok
+        if rest.any() and not is_number:
+            text = raw[rest].astype(str).str.strip()
+            parsed = pd.to_datetime(text, format=fmt or "ISO8601", utc=True, errors="coerce")
+            good = parsed.notna().to_numpy()
+            idx = np.flatnonzero(rest)[good]
+            seconds[idx] = ((parsed[good] - _EPOCH) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
+            ok[idx] = True
+    expected = f"format {fmt!r}" if fmt else "integer Unix seconds or ISO-8601"
+
+    def reason(pos: int) -> str:
+        if missing[pos]:
+            return "missing timestamp"
+        return f"unparsable timestamp: {_py(raw.iloc[pos])!r} (expected {expected})"
+
+    return seconds, (~ok, reason)
+
+
+# --- public loaders -------------------------------------------------------------------------------
+
+
+def load_interactions(
+    path: str | Path,
+    columns: InteractionColumns | None = None,
+    on_bad_rows: Literal["raise", "skip"] = "raise",
+    sep: str | None = None,
+) -> LoadedInteractions:
+    """Read an interaction log into canonical columns (see the module docstring for conventions).
+
+    ``on_bad_rows="raise"`` raises a `DataError` for the first bad row; ``"skip"`` drops bad rows,
+    counts them and logs one warning on the ``twotower.data`` logger.
+    """
+    if on_bad_rows not in ("raise", "skip"):
+        raise ValueError(f"on_bad_rows must be 'raise' or 'skip', got {on_bad_rows!r}")
+    cols = columns or InteractionColumns()
+    wanted = {"user_id": cols.user, "item_id": cols.item, "timestamp": cols.timestamp}
+    wanted |= {"rating": cols.rating, "weight": cols.weight}
+    wanted = {canon: src for canon, src in wanted.items() if src is not None}
+    raw = _read(path, sep, list(wanted.values()), dtype=str, default_na=False)
+    text = raw.sep is not None
+
+    values: dict[str, Any] = {}
+    checks: list[tuple[str, _Check]] = []
+    for canon, src in wanted.items():
+        series = raw.frame[src]
+        if canon in ("user_id", "item_id"):
+            values[canon] = series
+            check = _id_check(series, canon.replace("_", " "))
+        elif canon == "timestamp":
+            values[canon], check = _timestamp_check(series, cols.timestamp_format)
+        else:
+            values[canon], check = _number_check(series, canon, non_negative=canon == "weight")
+        checks.append((src, check))
+
+    bad = np.zeros(len(raw.frame), dtype=bool)
+    for _, (mask, _) in checks:
+        bad |= mask
+    positions = np.flatnonzero(bad)
+    limit = 1 if on_bad_rows == "raise" else _MAX_EXAMPLES
+    found = []
+    for pos in positions[:limit]:
+        src, (_, reason) = next((s, c) for s, c in checks if c[0][pos])
+        found.append((int(pos), src, reason(int(pos))))
+    problems = sorted(raw.malformed + raw.errors(found), key=lambda e: e.row or 0)
+    if on_bad_rows == "raise" and problems:
+        raise problems[0]
+
+    keep = ~bad
+    frame = pd.DataFrame(index=pd.RangeIndex(int(keep.sum())))
+    for canon in wanted:
+        column = values[canon][keep]
+        if canon in ("user_id", "item_id"):
+            frame[canon] = _normalise_ids(column.reset_index(drop=True), text).to_numpy()
+        else:
+            frame[canon] = np.asarray(column, dtype=np.int64 if canon == "timestamp" else np.float64)
+    skipped = len(raw.malformed) + len(positions)
+    examples = [str(e) for e in problems[:_MAX_EXAMPLES]]
+    if skipped:
+        log.warning(
+            "%s: skipped %d bad rows of %d; first: %s", raw.path, skipped, skipped + len(frame), examples[0]
+        )
+    return LoadedInteractions(frame=frame, path=raw.path, skipped=skipped, skipped_examples=examples)
+
+
+def load_table(path: str | Path, key: str, sep: str | None = None) -> pd.DataFrame:
+    """Read a user/item feature table keyed by ``key`` (unique, non-missing; normalised like ids).
+
+    Other columns keep pandas' inferred types (numbers as numbers, text as str).
+    """
+    raw = _read(path, sep, [key], dtype={key: str}, default_na=True)
+    if raw.malformed:
+        raise raw.malformed[0]
+    frame = raw.frame
+    missing = _missing(frame[key])
+    if missing.any():
+        raise raw.errors([(int(np.flatnonzero(missing)[0]), key, "missing key")])[0]
+    keys = _normalise_ids(frame[key], text=raw.sep is not None)
+    dup = keys.duplicated(keep="first").to_numpy()
+    if dup.any():
+        pos = int(np.flatnonzero(dup)[0])
+        first = int(np.flatnonzero((keys == keys.iloc[pos]).to_numpy())[0])
+        reason = f"duplicate key {_py(keys.iloc[pos])!r} (first seen in row {int(raw.rows[first])})"
+        raise raw.errors([(pos, key, reason)])[0]
+    frame = frame.copy()
+    frame[key] = keys.to_numpy()
+    return frame.reset_index(drop=True)

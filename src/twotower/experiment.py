@@ -1,0 +1,173 @@
+"""A retrieval run end to end: config -> data -> model -> fit -> full-corpus evaluation -> run directory.
+
+A run directory holds everything needed to evaluate again, recommend, or resume:
+
+    config.yaml          the resolved config (every default spelled out)
+    checkpoints/         per-epoch training checkpoints (safetensors + JSON), for --resume
+    model.safetensors    final weights + encoded feature tables
+    model.json           feature encoders, id maps, architecture - everything but the tensors
+    train_pairs.safetensors  training (user, item) indices, to exclude seen items when recommending
+    history.json         per-epoch loss, speed, validation metrics
+    metrics.json         test metrics of the named protocol
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from twotower import __version__
+from twotower.config import RunConfig, config_to_dict, save_config
+from twotower.data.dataset import Interactions, RetrievalData, build_retrieval_data, iterate_batches
+from twotower.evaluate import PROTOCOLS, evaluate_embeddings
+from twotower.frequency import CountFrequency, StreamingFrequencyEstimator
+from twotower.retrieval import RetrievalTask, TwoTowerModel
+from twotower.storage import save_tensors, write_json
+from twotower.train import FitResult, fit
+
+log = logging.getLogger("twotower")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(config: RunConfig, data: RetrievalData) -> TwoTowerModel:
+    task_cfg = config.task
+    sampling: Any = None
+    if task_cfg.logq == "counts":
+        sampling = CountFrequency.from_ids(data.train.item_idx, data.num_items)
+    elif task_cfg.logq == "streaming":
+        s = task_cfg.streaming
+        sampling = StreamingFrequencyEstimator(s.num_buckets, s.num_hashes, s.alpha, seed=config.train.seed)
+    task = RetrievalTask(config.model.temperature, task_cfg.remove_accidental_hits, sampling)
+    return TwoTowerModel(
+        config.model,
+        data.user_encoder.fields(),
+        data.item_encoder.fields(),
+        data.user_table,
+        data.item_table,
+        task=task,
+    )
+
+
+def evaluate_model(
+    model: TwoTowerModel,
+    protocol_name: str,
+    train: Interactions,
+    test: Interactions,
+    ks: list[int] | None = None,
+) -> dict[str, Any]:
+    """Full-corpus evaluation of ``model`` on ``test`` under a named protocol."""
+    protocol = PROTOCOLS[protocol_name]
+    model.eval()
+    return evaluate_embeddings(
+        protocol,
+        model.user_embeddings(),
+        model.item_embeddings(),
+        test.user_idx,
+        test.item_idx,
+        train.user_idx if protocol.exclude_train else None,
+        train.item_idx if protocol.exclude_train else None,
+        ks=tuple(ks) if ks else None,
+    )
+
+
+def train_run(
+    config: RunConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    data: RetrievalData | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one run; returns the test metrics (also written to ``metrics.json``)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    save_config(config, run_dir / "config.yaml")
+    seed_everything(config.train.seed)
+    t0 = time.perf_counter()
+    data = data or build_retrieval_data(config)
+    log.info(
+        "data: %d users, %d items, %d train / %d test interactions",
+        data.num_users,
+        data.num_items,
+        len(data.train),
+        len(data.test),
+    )
+    seed_everything(config.train.seed)  # model init does not depend on how much data loading drew
+    model = build_model(config, data)
+
+    validate = None
+    if data.valid is not None:
+
+        def validate() -> dict[str, float]:
+            metrics = evaluate_model(model, config.eval.protocol, data.train, data.valid, config.eval.ks)
+            return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+    result = fit(
+        model,
+        lambda epoch: iterate_batches(data.train, config.train.batch_size, config.train.seed, epoch),
+        config.train,
+        run_dir,
+        validate=validate,
+        resume=resume,
+        progress=progress,
+    )
+    metrics = evaluate_model(model, config.eval.protocol, data.train, data.test, config.eval.ks)
+    metrics.update(_fit_summary(result, time.perf_counter() - t0))
+    save_model(model, data, config, run_dir)
+    write_json(run_dir / "history.json", result.history)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _fit_summary(result: FitResult, total_seconds: float) -> dict[str, Any]:
+    return {
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(result.seconds, 3),
+        "train_examples_per_s": round(result.examples_per_s, 1),
+        "total_seconds": round(total_seconds, 3),
+    }
+
+
+def save_model(model: TwoTowerModel, data: RetrievalData, config: RunConfig, run_dir: Path) -> None:
+    """Write the servable model: weights + tables (safetensors) and everything else (JSON)."""
+    save_tensors(run_dir / "model.safetensors", model.state_dict())
+    save_tensors(
+        run_dir / "train_pairs.safetensors",
+        {"user_idx": data.train.user_idx, "item_idx": data.train.item_idx},
+    )
+    titles = None
+    if data.items is not None and "title" in data.items.columns:
+        by_id = data.items.set_index("item_id")["title"]
+        titles = [None if pd_isna(t) else str(t) for t in by_id.reindex(data.item_ids).tolist()]
+    write_json(
+        run_dir / "model.json",
+        {
+            "format": "twotower.retrieval/1",
+            "twotower_version": __version__,
+            "config": config_to_dict(config),
+            "user_encoder": data.user_encoder.to_dict(),
+            "item_encoder": data.item_encoder.to_dict(),
+            "user_ids": data.user_ids.tolist(),
+            "item_ids": data.item_ids.tolist(),
+            "item_titles": titles,
+            "embedding_dim": model.user_tower.output_dim,
+            "similarity": model.config.similarity,
+        },
+    )
+
+
+def pd_isna(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))

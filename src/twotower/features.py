@@ -1,0 +1,399 @@
+"""Feature specifications and the encoder that turns DataFrame columns into model-ready tensors.
+
+A feature is declared by a small pydantic spec (``type`` picks the kind; a misspelt key is an error).
+`FeatureEncoder.fit` learns vocabularies and statistics from a frame, `transform` produces
+``dict[str, Tensor]`` batches, and `fields` tells a tower what embedding tables to build.
+
+Index conventions (stable, relied upon by towers and serving):
+
+- ``id``, ``categorical``: int64 ``[N]``; 0 = out-of-vocabulary or missing, 1.. = the values seen in the
+  fit data at least ``min_count`` times, in sorted order (numbers before strings, each ascending), so
+  refitting on the same data always gives the same indices. Cardinality = len(vocab) + 1.
+- ``bucketized``: int64 ``[N]``; 0 = missing, then bucket ``i`` (1-based) holds values ``x`` with
+  ``boundaries[i-2] <= x < boundaries[i-1]`` (open-ended at both ends). Cardinality = len(boundaries) + 2.
+- ``multi_hot``: int64 ``[N, L]`` right-padded; 0 = padding, 1 = out-of-vocabulary, 2.. = values.
+  Tokens are de-duplicated within a cell (a set), so a repeated genre does not weigh twice in a mean.
+  Cardinality = len(vocab) + 2.
+- ``numeric``: float32 ``[N]``, ``(x - mean) / std`` with mean/std (population) from the fit data; a
+  missing value is replaced by ``fill`` *before* standardising (default: the mean, giving 0).
+
+Vocabulary values keep their type where JSON can hold it: integers (including whole-number floats,
+which is what an int column with gaps becomes in pandas) are stored as ``int``, other numbers as
+``float``, everything else as ``str``. Lookups are type-sensitive: ``1`` and ``"1"`` are different
+values, so fit and transform frames must agree on the id type (the loaders in `twotower.data` ensure
+that). Missing means None, NaN, pd.NA or an empty/blank string.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Self
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+_FORMAT = "twotower.features/1"
+
+
+class _FeatureBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="key of the feature in batches and in the model")
+    column: str | None = Field(None, description="DataFrame column to read; defaults to `name`")
+
+    @model_validator(mode="after")
+    def _default_column(self) -> Self:
+        if self.column is None:
+            self.column = self.name
+        return self
+
+
+class IdFeature(_FeatureBase):
+    """The entity's own id (user id on the user side, item id on the item side)."""
+
+    type: Literal["id"] = "id"
+    embedding_dim: int | None = Field(None, ge=1, description="None: the tower's default")
+    min_count: int = Field(1, ge=1)
+
+
+class CategoricalFeature(_FeatureBase):
+    """A single categorical value per row (gender, occupation, ...)."""
+
+    type: Literal["categorical"] = "categorical"
+    embedding_dim: int | None = Field(None, ge=1)
+    min_count: int = Field(1, ge=1)
+
+
+class MultiHotFeature(_FeatureBase):
+    """A set of values per row: a separator-joined string (``"Action|Comedy"``) or a list."""
+
+    type: Literal["multi_hot"] = "multi_hot"
+    separator: str = Field("|", min_length=1)
+    max_len: int | None = Field(None, ge=1, description="keep the first max_len tokens; None: no limit")
+    embedding_dim: int | None = Field(None, ge=1)
+    min_count: int = Field(1, ge=1)
+
+
+class NumericFeature(_FeatureBase):
+    """A real number, standardised with the fit data's mean and standard deviation."""
+
+    type: Literal["numeric"] = "numeric"
+    fill: float | None = Field(None, description="raw value used for missing cells; None: the mean")
+
+
+class BucketizedFeature(_FeatureBase):
+    """A real number mapped to a bucket, embedded like a categorical value."""
+
+    type: Literal["bucketized"] = "bucketized"
+    boundaries: list[float] | None = Field(None, description="explicit, strictly increasing")
+    num_buckets: int | None = Field(None, ge=2, description="quantile buckets fitted on the data")
+    embedding_dim: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.boundaries is None) == (self.num_buckets is None):
+            raise ValueError(f"feature {self.name!r}: give exactly one of 'boundaries' and 'num_buckets'")
+        if self.boundaries is not None:
+            b = self.boundaries
+            ok = bool(b) and all(math.isfinite(x) for x in b) and all(np.diff(b) > 0)
+            if not ok:
+                raise ValueError(f"feature {self.name!r}: boundaries must be finite and strictly increasing")
+        return self
+
+
+FeatureSpec = Annotated[
+    IdFeature | CategoricalFeature | MultiHotFeature | NumericFeature | BucketizedFeature,
+    Field(discriminator="type"),
+]
+_SPECS = TypeAdapter(list[FeatureSpec])
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """What a tower needs to know about one encoded feature."""
+
+    name: str
+    kind: Literal["categorical", "multi_hot", "numeric"]
+    cardinality: int  # rows of the embedding table, reserved indices included; 0 for numeric
+    embedding_dim: int | None
+
+
+# --- value helpers --------------------------------------------------------------------------------
+
+
+def _canon(value: Any) -> int | float | str | None:
+    """The vocabulary key of a cell value, or None when the value counts as missing."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, bool | np.bool_ | int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        if math.isnan(value):
+            return None
+        return int(value) if value.is_integer() else value
+    text = str(value)
+    return text if text.strip() else None
+
+
+def _sort_key(value: int | float | str) -> tuple[int, Any]:
+    return (1, value) if isinstance(value, str) else (0, value)
+
+
+def _vocab(counts: Counter, min_count: int) -> list[Any]:
+    return [v for v in sorted(counts, key=_sort_key) if counts[v] >= min_count]
+
+
+def _count(series: pd.Series) -> Counter:
+    # Factorize first so the Python-level canonicalisation runs once per distinct value, not per row.
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    freq = np.bincount(codes[codes >= 0], minlength=len(uniques))
+    counts: Counter = Counter()
+    for value, n in zip(uniques, freq, strict=True):
+        key = _canon(value)
+        if key is not None:
+            counts[key] += int(n)
+    return counts
+
+
+def _tokens(cell: Any, separator: str) -> list[Any]:
+    if isinstance(cell, str):
+        parts: Iterable[Any] = (p.strip() for p in cell.split(separator))
+    elif isinstance(cell, list | tuple | np.ndarray | pd.Series):
+        parts = (p.strip() if isinstance(p, str) else p for p in cell)
+    else:
+        parts = [cell]
+    keys = (_canon(p) for p in parts)
+    return list(dict.fromkeys(k for k in keys if k is not None))  # de-duplicate, keep order
+
+
+def _py(value: Any) -> Any:
+    """A numpy scalar as the Python value, so error messages read `7`, not `np.int64(7)`."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class FeatureEncoder:
+    """Fits vocabularies/statistics for a list of feature specs and encodes frames into tensors."""
+
+    def __init__(self, specs: list[FeatureSpec] | list[dict[str, Any]]) -> None:
+        # Accept plain dicts too (as read from YAML): validation goes through the discriminated union.
+        self.specs: list[FeatureSpec] = _SPECS.validate_python(
+            [s.model_dump() if isinstance(s, BaseModel) else s for s in specs]
+        )
+        if not self.specs:
+            raise ValueError("FeatureEncoder needs at least one feature spec")
+        names = [s.name for s in self.specs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate feature names: {dupes}")
+        if sum(isinstance(s, IdFeature) for s in self.specs) > 1:
+            raise ValueError("at most one IdFeature per encoder (one entity per tower)")
+        self._state: dict[str, dict[str, Any]] = {}
+        self._index: dict[str, dict[Any, int]] = {}
+
+    # --- fitting ----------------------------------------------------------------------------------
+
+    @property
+    def is_fitted(self) -> bool:
+        return len(self._state) == len(self.specs)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def fit(self, df: pd.DataFrame, id_values: Iterable[Any] | None = None) -> Self:
+        """Learn vocabularies and statistics from ``df``.
+
+        ``id_values`` (the ids of the TRAINING interactions, repeats included) replaces ``df`` as the
+        source of the IdFeature's vocabulary, so ids that never occur in training map to OOV (0) and
+        ``min_count`` counts training interactions.
+        """
+        id_spec = next((s for s in self.specs if isinstance(s, IdFeature)), None)
+        if id_values is not None and id_spec is None:
+            raise ValueError("id_values was given but no IdFeature is declared")
+        state: dict[str, dict[str, Any]] = {}
+        for spec in self.specs:
+            if spec is id_spec and id_values is not None:
+                array_like = isinstance(id_values, pd.Series | pd.Index | np.ndarray)
+                ids = pd.Series(id_values if array_like else list(id_values))
+                state[spec.name] = {"vocab": _vocab(_count(ids), spec.min_count)}
+                continue
+            series = self._column(df, spec)
+            if isinstance(spec, IdFeature | CategoricalFeature):
+                state[spec.name] = {"vocab": _vocab(self._count_checked(series, spec), spec.min_count)}
+            elif isinstance(spec, MultiHotFeature):
+                counts: Counter = Counter()
+                for cell in series.tolist():
+                    counts.update(_tokens(cell, spec.separator))
+                state[spec.name] = {"vocab": _vocab(counts, spec.min_count)}
+            elif isinstance(spec, NumericFeature):
+                values = self._numbers(series, spec)
+                present = values[~np.isnan(values)]
+                mean = float(present.mean()) if present.size else 0.0
+                std = float(present.std()) if present.size else 1.0
+                # A constant column would divide by zero; scaling by 1 keeps it a harmless constant 0.
+                state[spec.name] = {"mean": mean, "std": std if std > 1e-12 else 1.0}
+            else:
+                state[spec.name] = {"boundaries": self._fit_boundaries(series, spec)}
+        self._state = state
+        self._rebuild_index()
+        return self
+
+    def _fit_boundaries(self, series: pd.Series, spec: BucketizedFeature) -> list[float]:
+        if spec.boundaries is not None:
+            return [float(b) for b in spec.boundaries]
+        values = self._numbers(series, spec)
+        present = values[~np.isnan(values)]
+        if not present.size:
+            raise ValueError(f"feature {spec.name!r}: column {spec.column!r} has no values to fit buckets on")
+        assert spec.num_buckets is not None  # guaranteed by the spec validator
+        cuts = np.quantile(present, np.arange(1, spec.num_buckets) / spec.num_buckets)
+        # Ties (many equal values) produce repeated cut points; duplicates would create empty buckets.
+        return [float(b) for b in np.unique(cuts)]
+
+    def _rebuild_index(self) -> None:
+        self._index = {}
+        for spec in self.specs:
+            if isinstance(spec, IdFeature | CategoricalFeature | MultiHotFeature):
+                offset = 2 if isinstance(spec, MultiHotFeature) else 1
+                self._index[spec.name] = {
+                    v: i + offset for i, v in enumerate(self._state[spec.name]["vocab"])
+                }
+
+    # --- encoding ---------------------------------------------------------------------------------
+
+    def transform(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
+        """Encode every feature of ``df``; see the module docstring for shapes and index conventions."""
+        if not self.is_fitted:
+            raise RuntimeError("FeatureEncoder.transform called before fit (or from_dict)")
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.specs:
+            series = self._column(df, spec)
+            state = self._state[spec.name]
+            if isinstance(spec, IdFeature | CategoricalFeature):
+                codes, uniques = pd.factorize(series, use_na_sentinel=True)
+                index = self._index[spec.name]
+                # The extra trailing 0 is where code -1 (missing) lands.
+                lut = np.array([index.get(_canon(u), 0) for u in uniques] + [0], dtype=np.int64)
+                out[spec.name] = torch.from_numpy(lut[codes])
+            elif isinstance(spec, MultiHotFeature):
+                out[spec.name] = torch.from_numpy(self._multi_hot(series, spec))
+            elif isinstance(spec, NumericFeature):
+                values = self._numbers(series, spec)
+                fill = state["mean"] if spec.fill is None else spec.fill
+                values = np.where(np.isnan(values), fill, values)
+                out[spec.name] = torch.from_numpy(
+                    ((values - state["mean"]) / state["std"]).astype(np.float32)
+                )
+            else:
+                values = self._numbers(series, spec)
+                idx = np.searchsorted(np.asarray(state["boundaries"]), values, side="right") + 1
+                out[spec.name] = torch.from_numpy(np.where(np.isnan(values), 0, idx).astype(np.int64))
+        return out
+
+    def _multi_hot(self, series: pd.Series, spec: MultiHotFeature) -> np.ndarray:
+        index = self._index[spec.name]
+        rows = [[index.get(t, 1) for t in _tokens(cell, spec.separator)] for cell in series.tolist()]
+        width = spec.max_len or max([len(r) for r in rows] + [1])
+        out = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            row = row[:width]
+            out[i, : len(row)] = row
+        return out
+
+    def fields(self) -> list[FieldInfo]:
+        """One `FieldInfo` per feature, in spec order: what a tower builds its input layers from."""
+        if not self.is_fitted:
+            raise RuntimeError("FeatureEncoder.fields called before fit (or from_dict)")
+        infos = []
+        for spec in self.specs:
+            state = self._state[spec.name]
+            if isinstance(spec, IdFeature | CategoricalFeature):
+                infos.append(FieldInfo(spec.name, "categorical", len(state["vocab"]) + 1, spec.embedding_dim))
+            elif isinstance(spec, MultiHotFeature):
+                infos.append(FieldInfo(spec.name, "multi_hot", len(state["vocab"]) + 2, spec.embedding_dim))
+            elif isinstance(spec, NumericFeature):
+                infos.append(FieldInfo(spec.name, "numeric", 0, None))
+            else:
+                cardinality = len(state["boundaries"]) + 2
+                infos.append(FieldInfo(spec.name, "categorical", cardinality, spec.embedding_dim))
+        return infos
+
+    def vocabulary(self, name: str) -> list[Any]:
+        """The fitted values of a categorical-like feature; value ``v`` has index ``position + offset``
+        (offset 1 for id/categorical, 2 for multi_hot)."""
+        if name not in self._index:
+            raise KeyError(f"{name!r} is not a fitted id/categorical/multi_hot feature")
+        return list(self._state[name]["vocab"])
+
+    # --- persistence ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state: specs, vocabularies and statistics."""
+        if not self.is_fitted:
+            raise RuntimeError("FeatureEncoder.to_dict called before fit")
+        return {
+            "format": _FORMAT,
+            "specs": [s.model_dump(mode="json") for s in self.specs],
+            "state": copy.deepcopy(self._state),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureEncoder:
+        """Rebuild a fitted encoder from `to_dict` output (e.g. after a JSON round trip)."""
+        if data.get("format") != _FORMAT:
+            raise ValueError(
+                f"not a feature-encoder state (format {data.get('format')!r}, expected {_FORMAT!r})"
+            )
+        encoder = cls(data["specs"])
+        state = data.get("state", {})
+        missing = [n for n in encoder.names if n not in state]
+        if missing:
+            raise ValueError(f"feature-encoder state lacks the fitted state of {missing}")
+        encoder._state = {n: dict(state[n]) for n in encoder.names}
+        encoder._rebuild_index()
+        return encoder
+
+    # --- input checks -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _column(df: pd.DataFrame, spec: FeatureSpec) -> pd.Series:
+        if spec.column not in df.columns:
+            raise ValueError(
+                f"feature {spec.name!r} reads column {spec.column!r}, which is not in the frame "
+                f"(columns: {list(df.columns)})"
+            )
+        return df[spec.column]
+
+    @staticmethod
+    def _count_checked(series: pd.Series, spec: FeatureSpec) -> Counter:
+        try:
+            return _count(series)
+        except TypeError as exc:  # unhashable cells such as lists in a categorical column
+            raise ValueError(
+                f"feature {spec.name!r} (column {spec.column!r}) holds unhashable values; "
+                "use a multi_hot feature for list-valued cells"
+            ) from exc
+
+    @staticmethod
+    def _numbers(series: pd.Series, spec: FeatureSpec) -> np.ndarray:
+        """float64 values with NaN for missing; any other non-number is an error naming its row."""
+        values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        missing = series.isna().to_numpy()
+        if not pd.api.types.is_numeric_dtype(series):
+            missing = missing | series.astype(str).str.strip().eq("").to_numpy()
+        bad = (np.isnan(values) & ~missing) | np.isinf(values)
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            label, value = _py(series.index[pos]), _py(series.iloc[pos])
+            raise ValueError(
+                f"feature {spec.name!r}, column {spec.column!r}, row {pos + 1} (index {label!r}): "
+                f"not a finite number: {value!r}"
+            )
+        return values

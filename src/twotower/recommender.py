@@ -1,0 +1,148 @@
+"""A trained run loaded for use: ``Retriever.load(run_dir).recommend(user_ids, k) -> (ids, scores)``.
+
+Works in raw ids (the ids of the user's own log), not catalogue indices. The CLI's ``recommend``
+and ``evaluate`` commands go through here, so they see exactly what was saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from twotower.config import RunConfig, parse_config
+from twotower.data.dataset import build_retrieval_data
+from twotower.experiment import build_model, evaluate_model
+from twotower.features import FeatureEncoder
+from twotower.frequency import CountFrequency, StreamingFrequencyEstimator
+from twotower.retrieval import RetrievalTask, TwoTowerModel
+from twotower.storage import load_tensors, read_json, write_json
+from twotower.topk import CSR
+
+
+class UnknownUserError(KeyError):
+    """A user id that the run's catalogue does not contain."""
+
+
+@dataclass
+class Retriever:
+    model: TwoTowerModel
+    config: RunConfig
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    item_titles: list[str | None] | None
+    seen: CSR  # training items of each user index
+    run_dir: Path
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Retriever:
+        run_dir = Path(run_dir)
+        meta_path = run_dir / "model.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{run_dir} holds no trained model (model.json missing): train it first")
+        meta = read_json(meta_path)
+        config = parse_config(meta["config"], str(meta_path))
+        tensors = load_tensors(run_dir / "model.safetensors")
+        user_encoder = FeatureEncoder.from_dict(meta["user_encoder"])
+        item_encoder = FeatureEncoder.from_dict(meta["item_encoder"])
+        user_table = {k[len("user__") :]: v for k, v in tensors.items() if k.startswith("user__")}
+        item_table = {k[len("item__") :]: v for k, v in tensors.items() if k.startswith("item__")}
+        task = RetrievalTask(
+            config.model.temperature,
+            config.task.remove_accidental_hits,
+            _empty_sampling(config, len(meta["item_ids"])),
+        )
+        model = TwoTowerModel(
+            config.model, user_encoder.fields(), item_encoder.fields(), user_table, item_table, task=task
+        )
+        model.load_state_dict(tensors, strict=True)
+        model.eval()
+        pairs = load_tensors(run_dir / "train_pairs.safetensors")
+        seen = CSR.from_pairs(pairs["user_idx"], pairs["item_idx"], model.num_users)
+        return cls(
+            model,
+            config,
+            np.asarray(meta["user_ids"]),
+            np.asarray(meta["item_ids"]),
+            meta.get("item_titles"),
+            seen,
+            run_dir,
+        )
+
+    def user_index(self, user_ids: Any) -> Tensor:
+        """Catalogue indices of raw user ids; unknown ids raise ``UnknownUserError`` naming them."""
+        index = pd.Index(self.user_ids)
+        # ids typed on a command line arrive as strings; match the catalogue's dtype when possible
+        wanted = pd.Index(
+            np.asarray(user_ids, dtype=self.user_ids.dtype)
+            if _castable(user_ids, self.user_ids)
+            else list(user_ids)
+        )
+        positions = index.get_indexer(wanted)
+        missing = [str(u) for u, p in zip(wanted, positions, strict=True) if p < 0]
+        if missing:
+            raise UnknownUserError(f"unknown user id(s): {', '.join(missing[:10])}")
+        return torch.as_tensor(positions, dtype=torch.long)
+
+    def recommend(
+        self, user_ids: Any, k: int = 10, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k raw item ids and scores per user, ``(ids [U, k], scores [U, k])``."""
+        idx = self.user_index(user_ids)
+        exclude = _subset(self.seen, idx) if exclude_seen else None
+        top, scores = self.model.recommend(idx, k, exclude=exclude)
+        ids = np.where(top.numpy() >= 0, self.item_ids[top.clamp_min(0).numpy()], None)
+        return ids, scores.numpy()
+
+    def titles(self, item_ids: np.ndarray) -> list[str | None]:
+        if self.item_titles is None:
+            return [None] * len(item_ids)
+        pos = pd.Index(self.item_ids).get_indexer(item_ids)
+        return [self.item_titles[p] if p >= 0 else None for p in pos]
+
+
+def evaluate_run(run_dir: str | Path, protocol: str | None = None) -> dict[str, Any]:
+    """Re-create the run's split from its config and evaluate the saved model on its test part."""
+    retriever = Retriever.load(run_dir)
+    config = retriever.config
+    if protocol is not None:
+        config = config.model_copy(update={"eval": config.eval.model_copy(update={"protocol": protocol})})
+    data = build_retrieval_data(config)
+    if len(data.item_ids) != len(retriever.item_ids) or (data.item_ids != retriever.item_ids).any():
+        raise ValueError(f"the data no longer matches the catalogue saved in {run_dir}")
+    metrics = evaluate_model(retriever.model, config.eval.protocol, data.train, data.test, config.eval.ks)
+    write_json(Path(run_dir) / f"metrics-{config.eval.protocol}.json", metrics)
+    return metrics
+
+
+def _empty_sampling(config: RunConfig, num_items: int) -> Any:
+    """A frequency module of the saved shape; its values come from the state dict."""
+    if config.task.logq == "counts":
+        return CountFrequency(torch.ones(num_items))
+    if config.task.logq == "streaming":
+        s = config.task.streaming
+        return StreamingFrequencyEstimator(s.num_buckets, s.num_hashes, s.alpha, seed=config.train.seed)
+    return None
+
+
+def _castable(values: Any, like: np.ndarray) -> bool:
+    try:
+        np.asarray(values, dtype=like.dtype)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _subset(csr: CSR, rows: Tensor) -> CSR:
+    """The CSR restricted to ``rows`` (in that order)."""
+    cols = [csr.indices[csr.indptr[r] : csr.indptr[r + 1]] for r in rows.tolist()]
+    row_ids = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(cols)])
+    return CSR.from_pairs(row_ids, torch.cat(cols), len(cols))
+
+
+__all__ = ["Retriever", "UnknownUserError", "build_model", "evaluate_run"]

@@ -1,0 +1,231 @@
+"""The fit loop every twotower model trains with.
+
+A model is any ``nn.Module`` with ``compute_loss(batch: dict[str, Tensor]) -> Tensor``. ``fit``
+runs epochs over the batches a callable yields for each epoch, shows a progress bar with the loss and
+examples/s, validates after each epoch, writes a checkpoint per epoch (safetensors + JSON, never
+pickle), stops early when the validation metric stops improving, and resumes from the last checkpoint.
+
+Resuming ends at the same result as an uninterrupted run because everything random is either
+re-derived from (seed, epoch) - batch order - or saved in the checkpoint: the torch RNG state (dropout),
+the optimizer state and every module buffer (e.g. the streaming frequency sketch).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from twotower.config import TrainConfig
+from twotower.storage import load_tensors, read_json, save_tensors, write_json
+
+log = logging.getLogger("twotower.train")
+
+Batches = Callable[[int], Iterable[dict[str, Tensor]]]
+Validate = Callable[[], dict[str, float]]
+
+
+@dataclass
+class FitResult:
+    epochs_run: int
+    best_epoch: int | None
+    best_metric: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    examples_per_s: float = 0.0
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # Adagrad is the classic choice for sparse embedding tables (per-row adaptive learning rates).
+    return torch.optim.Adagrad(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def fit(
+    model: nn.Module,
+    batches: Batches,
+    config: TrainConfig,
+    run_dir: Path,
+    validate: Validate | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` in place; on return it holds the best weights when early stopping is on."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    optimizer = make_optimizer(model, config)
+    stopping = config.early_stopping if validate is not None else None
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "global_step": 0,
+        "history": [],
+        "best_metric": None,
+        "best_epoch": None,
+        "bad_epochs": 0,
+        "stopped": False,
+    }
+    if resume and (ckpt_dir / "last.json").exists():
+        state = load_checkpoint(ckpt_dir / "last", model, optimizer)
+        log.info("resumed from %s at epoch %d", ckpt_dir, state["epoch"])
+
+    start = time.perf_counter()
+    examples_seen = 0
+    while state["epoch"] < config.epochs and not state["stopped"]:
+        epoch = state["epoch"] + 1
+        model.train()
+        loss_sum, n_batches, n_examples, t0 = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(
+            batches(epoch),
+            desc=f"epoch {epoch}/{config.epochs}",
+            disable=not progress,
+            leave=False,
+            unit="batch",
+        )
+        for batch in bar:
+            loss = model.compute_loss(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at epoch {epoch}, step {state['global_step']}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["global_step"] += 1
+            loss_sum += loss.item()
+            n_batches += 1
+            n_examples += len(next(iter(batch.values())))
+            if n_batches % 10 == 0:
+                rate = n_examples / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", ex_s=f"{rate:,.0f}")
+        seconds = time.perf_counter() - t0
+        examples_seen += n_examples
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": loss_sum / max(n_batches, 1),
+            "examples_per_s": n_examples / max(seconds, 1e-9),
+            "seconds": seconds,
+        }
+        if validate is not None:
+            model.eval()
+            record.update({f"valid_{k}": v for k, v in validate().items()})
+        state["history"].append(record)
+        state["epoch"] = epoch
+        if stopping is not None:
+            _update_early_stopping(state, record, stopping.metric, stopping.patience, model, ckpt_dir)
+        log.info("epoch %d: %s", epoch, _format_record(record))
+        if progress:
+            tqdm.write(f"epoch {epoch}: {_format_record(record)}")
+        save_checkpoint(ckpt_dir / "last", model, optimizer, state)
+
+    if stopping is not None and state["best_epoch"] is not None:
+        model.load_state_dict(load_tensors(ckpt_dir / "best.safetensors"))
+    elapsed = time.perf_counter() - start
+    return FitResult(
+        epochs_run=state["epoch"],
+        best_epoch=state["best_epoch"],
+        best_metric=state["best_metric"],
+        history=state["history"],
+        seconds=elapsed,
+        examples_per_s=examples_seen / max(elapsed, 1e-9),
+    )
+
+
+def _update_early_stopping(
+    state: dict[str, Any],
+    record: dict[str, Any],
+    metric: str,
+    patience: int,
+    model: nn.Module,
+    ckpt_dir: Path,
+) -> None:
+    key = f"valid_{metric}"
+    if key not in record:
+        raise KeyError(
+            f"early stopping metric {metric!r} is not among the validation metrics {sorted(record)}"
+        )
+    value = float(record[key])
+    if state["best_metric"] is None or value > state["best_metric"]:
+        state.update(best_metric=value, best_epoch=record["epoch"], bad_epochs=0)
+        save_tensors(ckpt_dir / "best.safetensors", model.state_dict())
+    else:
+        state["bad_epochs"] += 1
+        if state["bad_epochs"] >= patience:
+            log.info("early stop: %s did not improve for %d epochs", metric, patience)
+            state["stopped"] = True
+
+
+def _format_record(record: dict[str, Any]) -> str:
+    parts = []
+    for key, value in record.items():
+        if key == "epoch":
+            continue
+        parts.append(
+            f"{key}={value:.4g}" if isinstance(value, float) and math.isfinite(value) else f"{key}={value}"
+        )
+    return " ".join(parts)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def save_checkpoint(prefix: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Write ``prefix-epochNNNN.safetensors`` (weights, optimizer tensors, RNG) and ``prefix.json``.
+
+    The JSON is the commit record and names its tensors file: each epoch writes a new tensors file
+    first, then the JSON, then deletes older tensors files. A crash at any point leaves a JSON that
+    points at a complete tensors file of the same epoch.
+    """
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tensors_name = f"{prefix.name}-epoch{state['epoch']:04d}.safetensors"
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    optim_tensors, optim_json = _split_optimizer_state(optimizer.state_dict())
+    tensors.update({f"optim.{k}": v for k, v in optim_tensors.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_tensors(prefix.parent / tensors_name, tensors)
+    write_json(prefix.with_suffix(".json"), {**state, "tensors": tensors_name, "optimizer": optim_json})
+    for old in prefix.parent.glob(f"{prefix.name}-epoch*.safetensors"):
+        if old.name != tensors_name:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(prefix: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    meta = read_json(prefix.with_suffix(".json"))
+    tensors = load_tensors(prefix.parent / meta.pop("tensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
+    optimizer.load_state_dict(_join_optimizer_state(optim, meta.pop("optimizer")))
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta
+
+
+def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Optimizer state -> flat tensors ``"{param}.{key}"`` + JSON (param groups, scalar entries)."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entries in sd["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, entries in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,60 @@
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from twotower.cli import app
+from twotower.config import config_to_dict
+
+runner = CliRunner()
+
+
+def _write_config(tmp_path, **changes):
+    raw = config_to_dict(tiny_config(epochs=2))
+    raw.update(changes)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_train_recommend_evaluate(tmp_path):
+    config = _write_config(tmp_path)
+    run_dir = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train", str(config), "--run-dir", str(run_dir), "--quiet", "--set", "train.epochs=1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "recall@10" in result.output
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 1
+    result = runner.invoke(app, ["recommend", str(run_dir), "--user", "3", "-k", "5"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip().startswith(("1.", "5."))]
+    assert len(lines) == 2 and "Item" in lines[0]  # rank, id, score and title
+    result = runner.invoke(app, ["evaluate", str(run_dir)])
+    assert result.exit_code == 0 and "ndcg@10" in result.output
+    result = runner.invoke(
+        app,
+        ["train", str(config), "--run-dir", str(run_dir), "--quiet", "--resume", "--set", "train.epochs=2"],
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_misspelt_key_and_unknown_user_fail_clearly(tmp_path):
+    config = _write_config(tmp_path)
+    result = runner.invoke(
+        app, ["train", str(config), "--set", "train.epoks=3", "--run-dir", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "train.epoks" in result.output and "tiny.yaml" in result.output
+    assert not (tmp_path / "r").exists()  # nothing half-written
+    runner.invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "ok"), "--quiet"])
+    result = runner.invoke(app, ["recommend", str(tmp_path / "ok"), "--user", "nobody"])
+    assert result.exit_code == 2 and "nobody" in result.output
+    result = runner.invoke(app, ["recommend", str(tmp_path), "--user", "1"])
+    assert result.exit_code == 2 and "model.json" in result.output
+
+
+def test_demo_quick(tmp_path):
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert "most popular" in result.output and "true affinities" in result.output
+    assert (tmp_path / "demo" / "demo_summary.json").exists()

@@ -1,0 +1,174 @@
+"""Known-answer tests for feature specs and `FeatureEncoder`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+from twotower.features import (
+    BucketizedFeature,
+    CategoricalFeature,
+    FeatureEncoder,
+    FeatureSpec,
+    FieldInfo,
+    IdFeature,
+    MultiHotFeature,
+    NumericFeature,
+)
+
+
+@pytest.fixture
+def items() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "item_id": [10, 20, 30, 40],
+            "genre": ["drama", "comedy", "drama", None],
+            "tags": ["b|a", "a", "", "c|a|a"],
+            "price": [1.0, 2.0, 3.0, None],
+        }
+    )
+
+
+def test_id_feature_oov_and_sorted_vocabulary(items: pd.DataFrame) -> None:
+    enc = FeatureEncoder([IdFeature(name="item_id")]).fit(items)
+    out = enc.transform(pd.DataFrame({"item_id": [40, 10, 99, None]}))["item_id"]
+    assert out.dtype == torch.int64
+    assert out.tolist() == [4, 1, 0, 0]  # 99 unseen, None missing -> 0
+    assert enc.vocabulary("item_id") == [10, 20, 30, 40]
+
+
+def test_id_values_override_vocabulary(items: pd.DataFrame) -> None:
+    # Only 10 and 30 occur in training interactions; 30 only once, so min_count=2 drops it.
+    enc = FeatureEncoder([IdFeature(name="item_id", min_count=2)])
+    enc.fit(items, id_values=[30, 10, 10])
+    assert enc.transform(items)["item_id"].tolist() == [1, 0, 0, 0]
+    assert enc.fields() == [FieldInfo("item_id", "categorical", 2, None)]
+    with pytest.raises(ValueError, match="no IdFeature"):
+        FeatureEncoder([CategoricalFeature(name="genre")]).fit(items, id_values=[1])
+
+
+def test_categorical_min_count_and_missing(items: pd.DataFrame) -> None:
+    enc = FeatureEncoder([CategoricalFeature(name="g", column="genre", min_count=2, embedding_dim=4)])
+    enc.fit(items)
+    assert enc.vocabulary("g") == ["drama"]  # comedy occurs once
+    assert enc.transform(items)["g"].tolist() == [1, 0, 1, 0]
+    assert enc.fields() == [FieldInfo("g", "categorical", 2, 4)]
+
+
+def test_whole_number_floats_match_int_vocabulary() -> None:
+    # An int id column with a gap becomes float64 in pandas; 2.0 must still find id 2.
+    enc = FeatureEncoder([IdFeature(name="u")]).fit(pd.DataFrame({"u": [1, 2, 3]}))
+    assert enc.transform(pd.DataFrame({"u": [2.0, np.nan, 3.0]}))["u"].tolist() == [2, 0, 3]
+    assert enc.transform(pd.DataFrame({"u": ["2"]}))["u"].tolist() == [0]  # type-sensitive lookup
+
+
+def test_multi_hot_padding_oov_and_dedup(items: pd.DataFrame) -> None:
+    enc = FeatureEncoder([MultiHotFeature(name="tags")]).fit(items)
+    assert enc.vocabulary("tags") == ["a", "b", "c"]  # indices 2, 3, 4
+    out = enc.transform(pd.DataFrame({"tags": ["c|z", ["a", "b"], None, "a|a"]}))["tags"]
+    assert out.dtype == torch.int64
+    assert out.tolist() == [[4, 1], [2, 3], [0, 0], [2, 0]]  # z is OOV (1); 0 pads
+    assert enc.fields()[0] == FieldInfo("tags", "multi_hot", 5, None)
+
+
+def test_multi_hot_max_len_truncates_and_pads() -> None:
+    df = pd.DataFrame({"t": ["x;y;z", "y"]})
+    enc = FeatureEncoder([MultiHotFeature(name="t", separator=";", max_len=2)]).fit(df)
+    assert enc.transform(df)["t"].tolist() == [[2, 3], [3, 0]]
+    # An all-empty frame still yields width 1 when max_len is not set.
+    enc2 = FeatureEncoder([MultiHotFeature(name="t")]).fit(df)
+    assert enc2.transform(pd.DataFrame({"t": [None, ""]}))["t"].tolist() == [[0], [0]]
+
+
+def test_numeric_standardisation_numbers(items: pd.DataFrame) -> None:
+    enc = FeatureEncoder([NumericFeature(name="price")]).fit(items)
+    # mean 2, population std sqrt(2/3); missing -> mean -> 0
+    out = enc.transform(items)["price"]
+    assert out.dtype == torch.float32
+    s = np.sqrt(2 / 3)
+    np.testing.assert_allclose(out.numpy(), [-1 / s, 0.0, 1 / s, 0.0], rtol=1e-6)
+    enc_fill = FeatureEncoder([NumericFeature(name="price", fill=5.0)]).fit(items)
+    assert enc_fill.transform(items)["price"][3].item() == pytest.approx(3 / s)
+
+
+def test_numeric_constant_column_and_bad_value() -> None:
+    enc = FeatureEncoder([NumericFeature(name="x")]).fit(pd.DataFrame({"x": [7.0, 7.0]}))
+    assert enc.transform(pd.DataFrame({"x": [7.0, 8.0]}))["x"].tolist() == [0.0, 1.0]
+    bad = pd.DataFrame({"x": ["1", "2", "abc"]}, index=[5, 6, 7])
+    with pytest.raises(ValueError, match=r"feature 'x', column 'x', row 3 \(index 7\).*'abc'"):
+        enc.transform(bad)
+
+
+def test_bucket_boundaries_explicit_and_quantile() -> None:
+    df = pd.DataFrame({"age": [5.0, 18.0, 30.0, 99.0, None]})
+    enc = FeatureEncoder([BucketizedFeature(name="age", boundaries=[18, 30])]).fit(df)
+    # <18 -> 1, [18, 30) -> 2, >=30 -> 3, missing -> 0
+    assert enc.transform(df)["age"].tolist() == [1, 2, 3, 3, 0]
+    assert enc.fields()[0].cardinality == 4
+
+    q = pd.DataFrame({"v": np.arange(1, 101, dtype=float)})
+    enc_q = FeatureEncoder([BucketizedFeature(name="v", num_buckets=4)]).fit(q)
+    assert enc_q.to_dict()["state"]["v"]["boundaries"] == [25.75, 50.5, 75.25]
+    counts = torch.bincount(enc_q.transform(q)["v"]).tolist()
+    assert counts == [0, 25, 25, 25, 25]
+
+
+def test_quantile_ties_collapse() -> None:
+    df = pd.DataFrame({"v": [0.0] * 9 + [1.0]})
+    enc = FeatureEncoder([BucketizedFeature(name="v", num_buckets=4)]).fit(df)
+    assert enc.to_dict()["state"]["v"]["boundaries"] == [0.0]
+    assert enc.transform(df)["v"].tolist() == [2] * 10
+
+
+def test_json_round_trip_keeps_types(items: pd.DataFrame) -> None:
+    specs = [
+        IdFeature(name="item_id"),
+        CategoricalFeature(name="genre"),
+        MultiHotFeature(name="tags", max_len=3),
+        NumericFeature(name="price"),
+        BucketizedFeature(name="price_bucket", column="price", num_buckets=2),
+    ]
+    enc = FeatureEncoder(specs).fit(items)
+    restored = FeatureEncoder.from_dict(json.loads(json.dumps(enc.to_dict())))
+    assert restored.vocabulary("item_id") == [10, 20, 30, 40]  # ints stay ints
+    assert restored.fields() == enc.fields()
+    a, b = enc.transform(items), restored.transform(items)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    with pytest.raises(ValueError, match="not a feature-encoder state"):
+        FeatureEncoder.from_dict({"specs": []})
+
+
+def test_discriminated_union_validation() -> None:
+    adapter = TypeAdapter(FeatureSpec)
+    spec = adapter.validate_python({"type": "categorical", "name": "g", "column": "genre"})
+    assert isinstance(spec, CategoricalFeature)
+    assert adapter.validate_python({"type": "id", "name": "user_id"}).column == "user_id"
+    with pytest.raises(ValidationError, match="does not match any of the expected tags"):
+        adapter.validate_python({"type": "embedding", "name": "x"})
+    with pytest.raises(ValidationError, match="embeding_dim"):
+        adapter.validate_python({"type": "categorical", "name": "g", "embeding_dim": 8})
+    with pytest.raises(ValidationError, match="exactly one of 'boundaries' and 'num_buckets'"):
+        BucketizedFeature(name="b")
+    with pytest.raises(ValidationError, match="strictly increasing"):
+        BucketizedFeature(name="b", boundaries=[3.0, 1.0])
+    with pytest.raises(ValidationError, match="embeding_dim"):
+        FeatureEncoder([{"type": "id", "name": "u", "embeding_dim": 8}])
+
+
+def test_encoder_config_errors(items: pd.DataFrame) -> None:
+    with pytest.raises(ValueError, match="duplicate feature names"):
+        FeatureEncoder([IdFeature(name="a"), CategoricalFeature(name="a")])
+    with pytest.raises(ValueError, match="at most one IdFeature"):
+        FeatureEncoder([IdFeature(name="a"), IdFeature(name="b")])
+    enc = FeatureEncoder([CategoricalFeature(name="genre_feat", column="genre_name")])
+    with pytest.raises(ValueError, match="feature 'genre_feat' reads column 'genre_name'.*not in the frame"):
+        enc.fit(items)
+    with pytest.raises(RuntimeError, match="before fit"):
+        enc.transform(items)

@@ -1,0 +1,213 @@
+"""Bad-input and known-answer tests for `twotower.data.loader` (CSV, TSV, TXT and Parquet)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from twotower.data.errors import DataError
+from twotower.data.loader import InteractionColumns, load_interactions, load_table
+
+ALL = InteractionColumns(timestamp="ts", rating="rating", weight="w")
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def raises_at(path: Path, columns: InteractionColumns, *, row: int, line: int | None, column: str | None):
+    with pytest.raises(DataError) as info:
+        load_interactions(path, columns)
+    err = info.value
+    assert (err.row, err.line, err.column, err.path) == (row, line, column, str(path)), str(err)
+    return err
+
+
+def test_error_message_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    rows = "".join(f"{u},{u * 10},4\n" for u in range(1, 6))
+    write(tmp_path / "ratings.csv", f"user_id,item_id,rating\n{rows}6,60,abc\n")
+    with pytest.raises(DataError) as info:
+        load_interactions("ratings.csv", InteractionColumns(rating="rating"))
+    assert str(info.value) == "ratings.csv, line 7 (row 6), column 'rating': not a number: 'abc'"
+    assert info.value.reason == "not a number: 'abc'"
+    clone = pickle.loads(pickle.dumps(info.value))
+    assert str(clone) == str(info.value) and clone.row == 6
+
+
+def test_clean_csv_known_values(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "r.csv",
+        "user_id,item_id,rating,ts,w,extra\n"
+        "1,10,4.5,86400,1,x\n"
+        "2,20,3,1970-01-02T00:00:00Z,0.5,y\n"
+        "3,30,1,2020-01-01T02:00:00+02:00,2,z\n"
+        "\n"  # a blank line is not a data row
+        "1,30,5,2020-01-01,1,w\n",
+    )
+    loaded = load_interactions(path, ALL)
+    f = loaded.frame
+    assert list(f.columns) == ["user_id", "item_id", "timestamp", "rating", "weight"]
+    assert f.dtypes.astype(str).tolist() == ["int64", "int64", "int64", "float64", "float64"]
+    assert f["user_id"].tolist() == [1, 2, 3, 1]  # file order
+    assert f["timestamp"].tolist() == [86400, 86400, 1577836800, 1577836800]
+    assert f["rating"].tolist() == [4.5, 3.0, 1.0, 5.0]
+    assert (loaded.skipped, loaded.skipped_examples) == (0, [])
+
+
+def test_id_normalisation(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.csv", "user_id,item_id\n 1 ,007\n2,a\n-3,12\n")
+    f = load_interactions(path).frame
+    assert f["user_id"].dtype == np.int64 and f["user_id"].tolist() == [1, 2, -3]
+    # "007" is not a canonical integer, so the column stays text and "007" keeps its identity.
+    assert f["item_id"].tolist() == ["007", "a", "12"]
+    assert pd.api.types.is_string_dtype(f["item_id"])
+
+
+def test_missing_ids_csv(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.csv", "user_id,item_id\n1,10\n2,20\n,30\n")
+    err = raises_at(path, InteractionColumns(), row=3, line=4, column="user_id")
+    assert err.reason == "missing user id"
+    path = write(tmp_path / "r2.csv", "u,i\n1,10\n2,NaN\n")
+    raises_at(path, InteractionColumns(user="u", item="i"), row=2, line=3, column="i")
+
+
+def test_quoted_newline_shifts_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.csv", 'user_id,item_id,note\n1,10,"two\nlines"\n\n2,20,ok\n3,,ok\n')
+    raises_at(path, InteractionColumns(), row=3, line=6, column="item_id")
+
+
+def test_bad_numbers_csv(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.csv", "user_id,item_id,rating,ts,w\n1,10,4,5,1\n2,20,4,5,heavy\n")
+    err = raises_at(path, ALL, row=2, line=3, column="w")
+    assert err.reason == "not a number: 'heavy'"
+    path = write(tmp_path / "r2.csv", "user_id,item_id,rating,ts,w\n1,10,4,5,-1\n")
+    assert raises_at(path, ALL, row=1, line=2, column="w").reason == "negative weight: '-1'"
+    path = write(tmp_path / "r3.csv", "user_id,item_id,rating,ts,w\n1,10,,5,1\n")
+    assert raises_at(path, ALL, row=1, line=2, column="rating").reason == "missing rating"
+
+
+def test_first_bad_row_wins_across_columns(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.csv", "user_id,item_id,rating,ts,w\n1,10,4,5,1\n2,20,4,soon,1\n3,,x,5,1\n")
+    err = raises_at(path, ALL, row=2, line=3, column="ts")
+    assert err.reason == "unparsable timestamp: 'soon' (expected integer Unix seconds or ISO-8601)"
+
+
+def test_timestamp_format(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.csv", "user_id,item_id,when\n1,10,02/01/1970\n2,20,1970-01-02\n")
+    cols = InteractionColumns(timestamp="when", timestamp_format="%d/%m/%Y")
+    err = raises_at(path, cols, row=2, line=3, column="when")
+    assert "expected format '%d/%m/%Y'" in err.reason
+    path = write(tmp_path / "ok.csv", "user_id,item_id,when\n1,10,02/01/1970\n")
+    assert load_interactions(path, cols).frame["timestamp"].tolist() == [86400]
+
+
+def test_too_many_fields(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.csv", "user_id,item_id\n1,10\n2,20,99\n3,30\n")
+    err = raises_at(path, InteractionColumns(), row=2, line=3, column=None)
+    assert err.reason == "expected 2 fields, saw 3"
+
+
+def test_absent_column_lists_available(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.csv", "user,item_id\n1,10\n")
+    with pytest.raises(DataError, match=r"column 'user_id': column not found; available columns: \['user'"):
+        load_interactions(path)
+
+
+def test_skip_mode_counts_and_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(
+        tmp_path / "r.csv",
+        "user_id,item_id,rating,ts,w\n1,10,4,5,1\n,20,4,5,1\n3,30,x,5,1\n4,40,4,5,1,9\n5,50,2,never,1\n6,60,1,7,1\n",
+    )
+    with caplog.at_level(logging.WARNING, logger="twotower.data"):
+        loaded = load_interactions(path, ALL, on_bad_rows="skip")
+    assert loaded.frame["user_id"].tolist() == [1, 6]
+    assert loaded.skipped == 4
+    assert [e.split(":")[0] for e in loaded.skipped_examples] == [
+        f"{path}, line {n} (row {n - 1}), column '{c}'" if c else f"{path}, line {n} (row {n - 1})"
+        for n, c in [(3, "user_id"), (4, "rating"), (5, None), (6, "ts")]
+    ]
+    assert any("skipped 4 bad rows of 6" in r.getMessage() for r in caplog.records)
+
+
+def test_tsv_txt_and_explicit_sep(tmp_path: Path) -> None:
+    write(tmp_path / "r.tsv", "user_id\titem_id\n1\t10\n")
+    write(tmp_path / "r.txt", "user_id|item_id\n1|10\n")
+    write(tmp_path / "semi.csv", "user_id;item_id\n1;10\n")
+    for name, sep in [("r.tsv", None), ("r.txt", None), ("semi.csv", ";")]:
+        assert load_interactions(tmp_path / name, sep=sep).frame["item_id"].tolist() == [10]
+    with pytest.raises(DataError, match="unsupported file type '.json'"):
+        load_interactions(write(tmp_path / "r.json", "{}"))
+    with pytest.raises(DataError, match="empty file"):
+        load_interactions(write(tmp_path / "e.csv", ""))
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        load_interactions(tmp_path / "nope.csv")
+
+
+def test_parquet_errors_and_types(tmp_path: Path) -> None:
+    path = tmp_path / "r.parquet"
+    pd.DataFrame(
+        {"user_id": ["a", "b", None], "item_id": [1, 2, 3], "rating": ["4", "five", "3"]}
+    ).to_parquet(path)
+    err = raises_at(path, InteractionColumns(rating="rating"), row=2, line=None, column="rating")
+    assert str(err) == f"{path}, row 2, column 'rating': not a number: 'five'"
+    raises_at(path, InteractionColumns(), row=3, line=None, column="user_id")
+    loaded = load_interactions(path, InteractionColumns(rating="rating"), on_bad_rows="skip")
+    assert loaded.skipped == 2 and loaded.frame["user_id"].tolist() == ["a"]
+    with pytest.raises(DataError, match=r"column 'ts': column not found; available columns: \['user_id'"):
+        load_interactions(path, InteractionColumns(timestamp="ts"))
+
+
+def test_parquet_timestamps_and_nullable_ids(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    pd.DataFrame(
+        {
+            "user_id": [1.0, np.nan, 3.0],  # an int column with a gap, as pandas writes it
+            "item_id": ["10", "20", "30"],  # typed as text in the file: stays str
+            "when": pd.to_datetime(["1970-01-02 00:00:00", "2020-01-01 00:00:00", "2020-01-01 00:00:01"]),
+            "unix": [86400, 1, 2],
+        }
+    ).to_parquet(path)
+    raises_at(path, InteractionColumns(timestamp="when"), row=2, line=None, column="user_id")
+    f = load_interactions(path, InteractionColumns(timestamp="when"), on_bad_rows="skip").frame
+    assert f["user_id"].dtype == np.int64 and f["user_id"].tolist() == [1, 3]
+    assert f["item_id"].tolist() == ["10", "30"]
+    assert f["timestamp"].tolist() == [86400, 1577836801]
+    g = load_interactions(path, InteractionColumns(timestamp="unix"), on_bad_rows="skip").frame
+    assert g["timestamp"].tolist() == [86400, 2]
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_interactions(write(tmp_path / "bad.parquet", "not parquet"))
+
+
+def test_load_table_csv(tmp_path: Path) -> None:
+    path = write(tmp_path / "items.csv", "item_id,genres,price\n1,A|B,1.5\n2,B,2\n")
+    table = load_table(path, "item_id")
+    assert table["item_id"].tolist() == [1, 2] and table["item_id"].dtype == np.int64
+    assert table["price"].tolist() == [1.5, 2.0] and table["genres"].tolist() == ["A|B", "B"]
+    dup = write(tmp_path / "dup.csv", "item_id,x\n1,a\n2,b\n\n1,c\n")
+    with pytest.raises(DataError) as info:
+        load_table(dup, "item_id")
+    assert (info.value.row, info.value.line, info.value.column) == (3, 5, "item_id")
+    assert info.value.reason == "duplicate key 1 (first seen in row 1)"
+    gap = write(tmp_path / "gap.csv", "item_id,x\n1,a\n,b\n")
+    with pytest.raises(DataError, match=r"line 3 \(row 2\), column 'item_id': missing key"):
+        load_table(gap, "item_id")
+    with pytest.raises(DataError, match="column 'movie_id': column not found"):
+        load_table(path, "movie_id")
+
+
+def test_load_table_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "users.parquet"
+    pd.DataFrame({"user_id": ["u1", "u2", "u1"], "age": [20, 30, 40]}).to_parquet(path)
+    with pytest.raises(DataError) as info:
+        load_table(path, "user_id")
+    assert str(info.value) == f"{path}, row 3, column 'user_id': duplicate key 'u1' (first seen in row 1)"
+    pd.DataFrame({"user_id": [5, 6], "age": [20, 30]}).to_parquet(path)
+    table = load_table(path, "user_id")
+    assert table["user_id"].tolist() == [5, 6] and table["age"].tolist() == [20, 30]

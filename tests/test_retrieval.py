@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+from twotower.features import FieldInfo
+from twotower.frequency import CountFrequency
+from twotower.retrieval import ModelConfig, RetrievalTask, TwoTowerModel
+from twotower.topk import CSR
+
+Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+C = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+# All pair scores q_i . c_j: [[1, 1], [0, 1]]; at temperature 0.5: [[2, 2], [0, 2]].
+
+
+def test_plain_in_batch_softmax_by_hand():
+    task = RetrievalTask(temperature=0.5)
+    loss = task(Q, C, torch.tensor([0, 1]))
+    row0 = -math.log(math.exp(2) / (math.exp(2) + math.exp(2)))  # = log 2
+    row1 = -math.log(math.exp(2) / (math.exp(0) + math.exp(2)))
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_logq_corrected_loss_equals_hand_computed_2x2():
+    # Q(item 0) = 3/4, Q(item 1) = 1/4: corrected logits [[2 - ln .75, 2 - ln .25], [0 - ln .75, 2 - ln .25]].
+    task = RetrievalTask(temperature=0.5, sampling_probability=CountFrequency(torch.tensor([3.0, 1.0])))
+    loss = task(Q, C, torch.tensor([0, 1]))
+    # Row 0: positive 2.2877 vs negative 3.3863, a gap of ln 3, so -log(1 / (1 + 3)) = ln 4.
+    row0 = math.log(4)
+    # Row 1: positive 3.3863 vs negative 0.2877, a gap of 2 + ln 3.
+    row1 = math.log(1 + math.exp(-2) / 3)
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    logits = task.logits(Q, C, torch.tensor([0, 1]))
+    expected = torch.tensor([[2 - math.log(0.75), 2 - math.log(0.25)], [-math.log(0.75), 2 - math.log(0.25)]])
+    assert torch.allclose(logits, expected, atol=1e-6)
+
+
+def test_accidental_hits_are_masked_and_weights_apply():
+    ids = torch.tensor([7, 7])  # both rows' positive is item 7: the other column is not a negative
+    task = RetrievalTask(temperature=0.5, remove_accidental_hits=True)
+    assert task(Q, C, ids).item() == pytest.approx(0.0, abs=1e-6)
+    kept = RetrievalTask(temperature=0.5, remove_accidental_hits=False)
+    assert kept(Q, C, ids).item() > 0.3
+    weighted = RetrievalTask(temperature=0.5)(
+        Q, C, torch.tensor([0, 1]), sample_weight=torch.tensor([1.0, 0.0])
+    )
+    assert weighted.item() == pytest.approx(math.log(2), rel=1e-6)  # only row 0 counts
+
+
+def test_streaming_estimator_is_updated_only_in_training():
+    class Recorder:
+        def __init__(self):
+            self.calls = 0
+
+        def update(self, ids):
+            self.calls += 1
+
+        def log_probability(self, ids):
+            return torch.zeros(len(ids))
+
+    rec = Recorder()
+    task = RetrievalTask(sampling_probability=rec)
+    task(Q, C, torch.tensor([0, 1]))
+    task.eval()
+    task(Q, C, torch.tensor([0, 1]))
+    assert rec.calls == 1
+    with pytest.raises(ValueError):
+        RetrievalTask(temperature=0)
+
+
+def _model(similarity="cosine", layers=()):
+    users = [FieldInfo("user_id", "categorical", 4, None)]
+    items = [FieldInfo("item_id", "categorical", 6, None), FieldInfo("price", "numeric", 0, None)]
+    cfg = ModelConfig.model_validate(
+        {
+            "similarity": similarity,
+            "temperature": 0.2,
+            "user_tower": {"embedding_dim": 8, "layers": list(layers)},
+            "item_tower": {"embedding_dim": 7 if not layers else 8, "layers": list(layers)},
+        }
+    )
+    return TwoTowerModel(
+        cfg,
+        users,
+        items,
+        {"user_id": torch.tensor([1, 2, 3, 0])},
+        {"item_id": torch.tensor([1, 2, 3, 4, 5, 0]), "price": torch.linspace(-1, 1, 6)},
+    )
+
+
+def test_model_scores_cosine_and_recommends_excluding():
+    torch.manual_seed(0)
+    model = _model()
+    assert torch.allclose(model.item_embeddings().norm(dim=1), torch.ones(6), atol=1e-5)
+    ids, scores = model.recommend(
+        torch.tensor([0, 1]), k=6, exclude=CSR.from_pairs(torch.tensor([0, 0]), torch.tensor([2, 4]), 2)
+    )
+    assert set(ids[0, :4].tolist()) == {0, 1, 3, 5} and ids[0, 4:].tolist() == [-1, -1]
+    full = model.user_embeddings(torch.tensor([1])) @ model.item_embeddings().T / 0.2
+    assert torch.allclose(scores[1], full[0].sort(descending=True).values, atol=1e-5)
+    loss = model.compute_loss({"user_idx": torch.tensor([0, 1, 2]), "item_idx": torch.tensor([0, 1, 2])})
+    loss.backward()
+    assert torch.isfinite(loss) and model.user_tower.categorical["user_id"].weight.grad is not None
+
+
+def test_mismatched_tower_widths_are_explained():
+    users = [FieldInfo("user_id", "categorical", 4, None)]
+    items = [FieldInfo("item_id", "categorical", 6, None)]
+    cfg = ModelConfig.model_validate({"user_tower": {"embedding_dim": 8}, "item_tower": {"embedding_dim": 6}})
+    with pytest.raises(ValueError, match="same size"):
+        TwoTowerModel(cfg, users, items, {"user_id": torch.tensor([1, 2])}, {"item_id": torch.tensor([1, 2])})
