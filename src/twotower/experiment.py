@@ -27,6 +27,7 @@ from twotower.config import RunConfig, config_to_dict, save_config
 from twotower.data.dataset import Interactions, RetrievalData, build_retrieval_data, iterate_batches
 from twotower.evaluate import PROTOCOLS, evaluate_embeddings
 from twotower.frequency import CountFrequency, StreamingFrequencyEstimator
+from twotower.history import history_csr
 from twotower.retrieval import RetrievalTask, TwoTowerModel
 from twotower.storage import save_tensors, write_json
 from twotower.train import FitResult, fit
@@ -49,6 +50,12 @@ def build_model(config: RunConfig, data: RetrievalData) -> TwoTowerModel:
         s = task_cfg.streaming
         sampling = StreamingFrequencyEstimator(s.num_buckets, s.num_hashes, s.alpha, seed=config.train.seed)
     task = RetrievalTask(config.model.temperature, task_cfg.remove_accidental_hits, sampling)
+    history = None
+    if config.model.history.enabled:
+        # The training log is the history the model may see: test items never leak into it.
+        history = history_csr(
+            data.train.user_idx, data.train.item_idx, data.num_users, config.model.history.max_len
+        )
     return TwoTowerModel(
         config.model,
         data.user_encoder.fields(),
@@ -56,6 +63,7 @@ def build_model(config: RunConfig, data: RetrievalData) -> TwoTowerModel:
         data.user_table,
         data.item_table,
         task=task,
+        history=history,
     )
 
 

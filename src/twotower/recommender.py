@@ -57,8 +57,17 @@ class Retriever:
             config.task.remove_accidental_hits,
             _empty_sampling(config, len(meta["item_ids"])),
         )
+        history = None
+        if config.model.history.enabled:
+            history = (tensors["history.indptr"], tensors["history.items"])
         model = TwoTowerModel(
-            config.model, user_encoder.fields(), item_encoder.fields(), user_table, item_table, task=task
+            config.model,
+            user_encoder.fields(),
+            item_encoder.fields(),
+            user_table,
+            item_table,
+            task=task,
+            history=history,
         )
         model.load_state_dict(tensors, strict=True)
         model.eval()

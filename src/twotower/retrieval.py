@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from twotower.features import FieldInfo
+from twotower.history import HistoryConfig, MeanHistoryEncoder
 from twotower.topk import CSR, topk_items
 from twotower.towers import Tower, TowerConfig
 
@@ -102,6 +103,7 @@ class ModelConfig(BaseModel):
     temperature: float = Field(0.05, gt=0)
     user_tower: TowerConfig = Field(default_factory=TowerConfig)
     item_tower: TowerConfig = Field(default_factory=TowerConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
 
 
 class TwoTowerModel(nn.Module):
@@ -115,13 +117,22 @@ class TwoTowerModel(nn.Module):
         user_table: dict[str, Tensor],
         item_table: dict[str, Tensor],
         task: RetrievalTask | None = None,
+        history: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         cosine = config.similarity == "cosine"
+        self.history: MeanHistoryEncoder | None = None
+        if config.history.enabled:
+            if history is None:
+                raise ValueError("model.history.enabled needs the users' histories (indptr, items)")
+            dim = config.history.embedding_dim or config.user_tower.embedding_dim
+            num_items = len(next(iter(item_table.values())))
+            self.history = MeanHistoryEncoder(*history, num_items, dim, config.user_tower.init_std)
+        extra = self.history.dim if self.history is not None else 0
         # Cosine similarity is the dot product of L2-normalised embeddings, so the index can always use
         # inner product and the metric at serving time equals the metric at training time.
-        self.user_tower = Tower(user_fields, _with_norm(config.user_tower, cosine))
+        self.user_tower = Tower(user_fields, _with_norm(config.user_tower, cosine), extra_dim=extra)
         self.item_tower = Tower(item_fields, _with_norm(config.item_tower, cosine))
         if self.user_tower.output_dim != self.item_tower.output_dim:
             raise ValueError(
@@ -146,16 +157,22 @@ class TwoTowerModel(nn.Module):
     def item_features(self, item_idx: Tensor) -> dict[str, Tensor]:
         return {name: getattr(self, f"item__{name}")[item_idx] for name in self.item_names}
 
+    def encode_users(self, user_idx: Tensor, exclude_items: Tensor | None = None) -> Tensor:
+        """User embeddings; ``exclude_items[b]`` is left out of row b's history (training positives)."""
+        extra = None if self.history is None else self.history(user_idx, exclude_items)
+        return self.user_tower(self.user_features(user_idx), extra)
+
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Loss of a batch ``{"user_idx", "item_idx", optional "weight"}`` of positive pairs."""
-        query = self.user_tower(self.user_features(batch["user_idx"]))
+        leave_out = batch["item_idx"] if self.config.history.exclude_target else None
+        query = self.encode_users(batch["user_idx"], leave_out)
         candidates = self.item_tower(self.item_features(batch["item_idx"]))
         return self.task(query, candidates, batch["item_idx"], batch.get("weight"))
 
     @torch.no_grad()
     def user_embeddings(self, user_idx: Tensor | None = None, batch_size: int = 8192) -> Tensor:
         idx = torch.arange(self.num_users) if user_idx is None else user_idx
-        return torch.cat([self.user_tower(self.user_features(c)) for c in idx.split(batch_size)])
+        return torch.cat([self.encode_users(c) for c in idx.split(batch_size)])
 
     @torch.no_grad()
     def item_embeddings(self, item_idx: Tensor | None = None, batch_size: int = 8192) -> Tensor:

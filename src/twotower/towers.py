@@ -43,7 +43,7 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Ta
 class Tower(nn.Module):
     """Maps a feature batch ``{name: Tensor[B] | Tensor[B, L]}`` to embeddings ``Tensor[B, out_dim]``."""
 
-    def __init__(self, fields: Sequence[FieldInfo], config: TowerConfig) -> None:
+    def __init__(self, fields: Sequence[FieldInfo], config: TowerConfig, extra_dim: int = 0) -> None:
         super().__init__()
         if not fields:
             raise ValueError("a tower needs at least one feature")
@@ -67,6 +67,8 @@ class Tower(nn.Module):
                 width += 1
             else:  # pragma: no cover - FieldInfo.kind is a Literal
                 raise ValueError(f"unknown feature kind {field.kind!r} for {field.name!r}")
+        # ``extra`` inputs (e.g. the pooled history) are computed outside and concatenated last.
+        width += extra_dim
         self.input_dim = width
         self.mlp = _mlp(width, config.layers, config.activation, config.dropout)
         self.output_dim = config.layers[-1] if config.layers else width
@@ -81,11 +83,13 @@ class Tower(nn.Module):
                 with torch.no_grad():
                     table.weight[table.padding_idx].zero_()
 
-    def forward(self, features: dict[str, Tensor]) -> Tensor:
+    def forward(self, features: dict[str, Tensor], extra: Tensor | None = None) -> Tensor:
         parts = [self.categorical[name](features[name]) for name in self.categorical]
         for name, bag in self.multi_hot.items():
             parts.append(bag(features[name]))
         parts.extend(features[name].float().unsqueeze(-1) for name in self.numeric_names)
+        if extra is not None:
+            parts.append(extra)
         hidden = self.mlp(torch.cat(parts, dim=-1))
         return F.normalize(hidden, dim=-1) if self.config.normalize else hidden
 

@@ -94,6 +94,9 @@ def load_raw(source: MovieLensSource | SyntheticSource | FileSource) -> RawData:
 def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> RetrievalData:
     raw = raw or load_raw(config.data)
     train_df, valid_df, test_df = split_for(config.eval.protocol, raw.interactions)
+    if "timestamp" in train_df.columns:
+        # Chronological training log: user histories (and their most-recent truncation) follow time.
+        train_df = train_df.sort_values("timestamp", kind="stable").reset_index(drop=True)
     if valid_df is None and config.train.valid_fraction > 0:
         train_df, valid_df = _holdout(train_df, config.train.valid_fraction, config.train.seed)
 
