@@ -101,7 +101,7 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     protocol: Literal["msrec", "tfrs", "temporal"] = "msrec"
-    ks: list[int] = Field(default_factory=lambda: [10])
+    ks: list[int] | None = Field(None, description="cut-offs; None: the protocol's own")
 
 
 class RunConfig(_Strict):
