@@ -19,6 +19,7 @@ from twotower.data.synthetic import WorldConfig
 from twotower.features import FeatureSpec, IdFeature
 from twotower.retrieval import ModelConfig
 from twotower.storage import atomic_write_text
+from twotower.tasks import TaskConfig
 
 
 class _Strict(BaseModel):
@@ -60,20 +61,6 @@ class FeaturesConfig(_Strict):
 
     user: list[FeatureSpec] = Field(default_factory=lambda: _id_feature("user_id"))
     item: list[FeatureSpec] = Field(default_factory=lambda: _id_feature("item_id"))
-
-
-class StreamingConfig(_Strict):
-    num_buckets: int = Field(2**17, ge=1, description="hash buckets per hash function")
-    num_hashes: int = Field(1, ge=1)
-    alpha: float = Field(0.01, gt=0, le=1)
-
-
-class TaskConfig(_Strict):
-    logq: Literal["none", "counts", "streaming"] = Field(
-        "none", description="sampling-bias correction: none, exact training counts, or streaming sketch"
-    )
-    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
-    remove_accidental_hits: bool = True
 
 
 class EarlyStoppingConfig(_Strict):

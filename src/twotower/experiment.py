@@ -26,10 +26,10 @@ from twotower import __version__
 from twotower.config import RunConfig, config_to_dict, save_config
 from twotower.data.dataset import Interactions, RetrievalData, build_retrieval_data, iterate_batches
 from twotower.evaluate import PROTOCOLS, evaluate_embeddings
-from twotower.frequency import CountFrequency, StreamingFrequencyEstimator
 from twotower.history import history_csr
-from twotower.retrieval import RetrievalTask, TwoTowerModel
+from twotower.retrieval import TwoTowerModel
 from twotower.storage import save_tensors, write_json
+from twotower.tasks import build_task
 from twotower.train import FitResult, fit
 
 log = logging.getLogger("twotower")
@@ -42,14 +42,15 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(config: RunConfig, data: RetrievalData) -> TwoTowerModel:
-    task_cfg = config.task
-    sampling: Any = None
-    if task_cfg.logq == "counts":
-        sampling = CountFrequency.from_ids(data.train.item_idx, data.num_items)
-    elif task_cfg.logq == "streaming":
-        s = task_cfg.streaming
-        sampling = StreamingFrequencyEstimator(s.num_buckets, s.num_hashes, s.alpha, seed=config.train.seed)
-    task = RetrievalTask(config.model.temperature, task_cfg.remove_accidental_hits, sampling)
+    task = build_task(
+        config.task,
+        config.model.temperature,
+        data.num_users,
+        data.num_items,
+        data.train.user_idx,
+        data.train.item_idx,
+        seed=config.train.seed,
+    )
     history = None
     if config.model.history.enabled:
         # The training log is the history the model may see: test items never leak into it.

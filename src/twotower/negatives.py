@@ -303,7 +303,9 @@ class HardNegativeMiner(nn.Module):
     equal to the row's ``batch["item_idx"]`` when the batch has one.
     """
 
-    def __init__(self, num_users: int, num_items: int, k: int, refresh_every: int = 1000, cap: int | None = None):
+    def __init__(
+        self, num_users: int, num_items: int, k: int, refresh_every: int = 1000, cap: int | None = None
+    ):
         super().__init__()
         cap = k if cap is None else cap
         if min(num_users, num_items, k, refresh_every) < 1 or not 1 <= cap <= k:

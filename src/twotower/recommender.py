@@ -19,9 +19,9 @@ from twotower.config import RunConfig, parse_config
 from twotower.data.dataset import build_retrieval_data
 from twotower.experiment import build_model, evaluate_model
 from twotower.features import FeatureEncoder
-from twotower.frequency import CountFrequency, StreamingFrequencyEstimator
-from twotower.retrieval import RetrievalTask, TwoTowerModel
+from twotower.retrieval import TwoTowerModel
 from twotower.storage import load_tensors, read_json, write_json
+from twotower.tasks import build_task
 from twotower.topk import CSR
 
 
@@ -52,10 +52,17 @@ class Retriever:
         item_encoder = FeatureEncoder.from_dict(meta["item_encoder"])
         user_table = {k[len("user__") :]: v for k, v in tensors.items() if k.startswith("user__")}
         item_table = {k[len("item__") :]: v for k, v in tensors.items() if k.startswith("item__")}
-        task = RetrievalTask(
+        pairs = load_tensors(run_dir / "train_pairs.safetensors")
+        num_users, num_items = len(meta["user_ids"]), len(meta["item_ids"])
+        # Same modules as in training (their values come from the state dict below).
+        task = build_task(
+            config.task,
             config.model.temperature,
-            config.task.remove_accidental_hits,
-            _empty_sampling(config, len(meta["item_ids"])),
+            num_users,
+            num_items,
+            pairs["user_idx"],
+            pairs["item_idx"],
+            seed=config.train.seed,
         )
         history = None
         if config.model.history.enabled:
@@ -71,7 +78,6 @@ class Retriever:
         )
         model.load_state_dict(tensors, strict=True)
         model.eval()
-        pairs = load_tensors(run_dir / "train_pairs.safetensors")
         seen = CSR.from_pairs(pairs["user_idx"], pairs["item_idx"], model.num_users)
         return cls(
             model,
@@ -127,16 +133,6 @@ def evaluate_run(run_dir: str | Path, protocol: str | None = None) -> dict[str, 
     metrics = evaluate_model(retriever.model, config.eval.protocol, data.train, data.test, config.eval.ks)
     write_json(Path(run_dir) / f"metrics-{config.eval.protocol}.json", metrics)
     return metrics
-
-
-def _empty_sampling(config: RunConfig, num_items: int) -> Any:
-    """A frequency module of the saved shape; its values come from the state dict."""
-    if config.task.logq == "counts":
-        return CountFrequency(torch.ones(num_items))
-    if config.task.logq == "streaming":
-        s = config.task.streaming
-        return StreamingFrequencyEstimator(s.num_buckets, s.num_hashes, s.alpha, seed=config.train.seed)
-    return None
 
 
 def _castable(values: Any, like: np.ndarray) -> bool:

@@ -1,97 +1,24 @@
-"""The retrieval two-tower model and its training task.
+"""The retrieval two-tower model: user tower x item tower, scored by similarity / temperature.
 
-``RetrievalTask`` is a layer that turns query and candidate embeddings into a loss (the TFRS design):
-in-batch softmax where every other positive in the batch is a negative, with
-
-- the logQ correction of Yi et al. (RecSys 2019): in-batch negatives are sampled in proportion to
-  item frequency, so popular items are over-represented as negatives; subtracting log Q(y) from each
-  logit makes the sampled softmax an unbiased estimate of the full softmax's gradient.
-  Q comes from exact training counts or the streaming estimator (``twotower.frequency``);
-- removal of accidental hits: when item y is a row's positive and also appears as another row's
-  candidate, that column is not a negative for the row, so its logit is masked.
-
-``TwoTowerModel`` owns the two towers plus the encoded feature tables of all users and items (as
-buffers, so one safetensors file carries everything needed to score), and answers
-``recommend(users, k) -> (item indices, scores)`` by exact full-corpus search.
+``TwoTowerModel`` owns the two towers, the optional history encoder of the user tower, and the
+encoded feature tables of all users and items (as buffers, so one safetensors file carries everything
+needed to score). Its loss comes from a task object (``twotower.tasks.RetrievalTask``: objectives and
+negatives), and it answers ``recommend(users, k) -> (item indices, scores)`` by exact full-corpus search.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from twotower.features import FieldInfo
 from twotower.history import HistoryConfig, MeanHistoryEncoder
+from twotower.tasks import RetrievalTask
 from twotower.topk import CSR, topk_items
 from twotower.towers import Tower, TowerConfig
-
-# Large negative instead of -inf: a row whose every negative is masked must still give a finite loss.
-_MASK = -1e9
-
-
-class SamplingProbability(Protocol):
-    """What the task needs from a frequency estimator (exact counts or the streaming sketch)."""
-
-    def update(self, ids: Tensor) -> None: ...
-
-    def log_probability(self, ids: Tensor) -> Tensor: ...
-
-
-class RetrievalTask(nn.Module):
-    """In-batch softmax loss with optional logQ correction and accidental-hit removal.
-
-    For a batch of B (query, positive) pairs with embeddings q_i, c_i and candidate ids y_i:
-
-        s_ij = <q_i, c_j> / temperature  -  log Q(y_j)     (logQ term only when Q is given)
-        s_ij = -inf  if y_j == y_i and j != i             (accidental hits, when enabled)
-        loss = sum_i w_i * CE(softmax(s_i), i) / sum_i w_i
-
-    The correction is applied to every column, the positive's included, as in Yi et al.
-    """
-
-    def __init__(
-        self,
-        temperature: float = 0.05,
-        remove_accidental_hits: bool = True,
-        sampling_probability: SamplingProbability | None = None,
-    ) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-        self.remove_accidental_hits = remove_accidental_hits
-        self.sampling_probability = sampling_probability
-
-    def logits(self, query: Tensor, candidates: Tensor, candidate_ids: Tensor) -> Tensor:
-        logits = query @ candidates.T / self.temperature
-        if self.sampling_probability is not None:
-            logits = logits - self.sampling_probability.log_probability(candidate_ids).to(logits)[None, :]
-        if self.remove_accidental_hits:
-            same = candidate_ids[:, None] == candidate_ids[None, :]
-            same.fill_diagonal_(False)
-            logits = logits.masked_fill(same, _MASK)
-        return logits
-
-    def forward(
-        self,
-        query: Tensor,
-        candidates: Tensor,
-        candidate_ids: Tensor,
-        sample_weight: Tensor | None = None,
-    ) -> Tensor:
-        if self.training and self.sampling_probability is not None:
-            # Streaming estimators learn from the stream of training batches; exact counts ignore it.
-            self.sampling_probability.update(candidate_ids)
-        logits = self.logits(query, candidates, candidate_ids)
-        labels = torch.arange(len(query), device=query.device)
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        if sample_weight is None:
-            return losses.mean()
-        return (losses * sample_weight).sum() / sample_weight.sum().clamp_min(1e-12)
 
 
 class ModelConfig(BaseModel):
@@ -164,10 +91,28 @@ class TwoTowerModel(nn.Module):
 
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Loss of a batch ``{"user_idx", "item_idx", optional "weight"}`` of positive pairs."""
+        if self.training and self.task.miner is not None:
+            self.task.maybe_refresh(self._embed_all)
         leave_out = batch["item_idx"] if self.config.history.exclude_target else None
         query = self.encode_users(batch["user_idx"], leave_out)
         candidates = self.item_tower(self.item_features(batch["item_idx"]))
-        return self.task(query, candidates, batch["item_idx"], batch.get("weight"))
+        return self.task(
+            query,
+            candidates,
+            batch["item_idx"],
+            batch.get("weight"),
+            batch=batch,
+            embed_items=lambda ids: self.item_tower(self.item_features(ids)),
+        )
+
+    def _embed_all(self) -> tuple[Tensor, Tensor]:
+        """Every user's and item's embedding in eval mode (no dropout), e.g. to mine hard negatives."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.user_embeddings(), self.item_embeddings()
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def user_embeddings(self, user_idx: Tensor | None = None, batch_size: int = 8192) -> Tensor:

@@ -1,0 +1,326 @@
+"""The retrieval task: a layer that turns query and candidate embeddings into a loss (the TFRS design).
+
+One task covers every training objective and negative scheme, chosen in config:
+
+objectives (``objective``), on similarities s = cos or dot, with z = s / temperature:
+    softmax        listwise: the positive against all its negatives, softmax cross-entropy on z, with the
+                   logQ correction (Yi et al. 2019). With in-batch negatives only this is the classic
+                   in-batch softmax; with sampled ones, a sampled softmax; with both, mixed negative
+                   sampling (Yang et al. 2020) whose correction uses the mixture's probability.
+    pointwise_bce  binary cross-entropy on z: positive -> 1, each negative -> 0 (1:N with N negatives).
+    pointwise_mse  regression of s to +1 for the positive and -1 for each negative.
+    hinge          triplet hinge mean_j max(0, s_j- + margin - s+) on the similarity scale.
+    logistic       triplet logistic mean_j log(1 + exp(sigma (z_j- - z+))); sigma = 1 is BPR.
+
+negatives (``negatives``): the other positives of the batch (in-batch); ``num_sampled`` items drawn
+uniformly or by popularity^alpha, shared by the whole batch or drawn per row; hard negatives (each
+user's top-scored non-positives, re-mined every ``refresh_every`` steps). A negative equal to its
+row's positive (an accidental hit) is removed in every scheme.
+
+The logQ correction subtracts log q(y), y's probability of being drawn as a candidate: the item
+frequency (exact counts or the streaming estimate) for in-batch candidates, the sampler's exact
+probability for sampled ones, the mixture of both when they are mixed. Hard negatives are chosen, not
+sampled from a known q, so they carry no correction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from twotower import losses
+from twotower.frequency import StreamingFrequencyEstimator
+from twotower.negatives import HardNegativeMiner, MixedSampler, PopularitySampler, UniformSampler
+
+Objective = Literal["softmax", "pointwise_bce", "pointwise_mse", "hinge", "logistic"]
+
+
+class SamplingProbability(Protocol):
+    """What the task needs from a frequency estimator (exact counts or the streaming sketch)."""
+
+    def update(self, ids: Tensor) -> None: ...
+
+    def log_probability(self, ids: Tensor) -> Tensor: ...
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamingConfig(_Strict):
+    num_buckets: int = Field(2**17, ge=1, description="hash buckets per hash function")
+    num_hashes: int = Field(1, ge=1)
+    alpha: float = Field(0.01, gt=0, le=1)
+
+
+class HardNegativesConfig(_Strict):
+    num: int = Field(0, ge=0, description="hard negatives per row (0: off)")
+    pool: int = Field(50, ge=1, description="top-scored non-positives kept per user to draw from")
+    refresh_every: int = Field(500, ge=1, description="steps between two mining passes")
+
+
+class NegativesConfig(_Strict):
+    in_batch: bool = Field(True, description="the other positives of the batch are negatives")
+    sampler: Literal["none", "uniform", "popularity"] = "none"
+    num_sampled: int = Field(0, ge=0, description="candidates drawn from the sampler")
+    shared: bool = Field(True, description="one sampled set for the whole batch, or num_sampled per row")
+    popularity_alpha: float = Field(0.75, ge=0, description="popularity sampler: q(i) ~ count(i)^alpha")
+    hard: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NegativesConfig:
+        if (self.sampler == "none") != (self.num_sampled == 0):
+            raise ValueError("negatives.sampler and negatives.num_sampled go together (none with 0)")
+        if not self.in_batch and self.num_sampled == 0 and self.hard.num == 0:
+            raise ValueError("no negatives: enable in_batch, a sampler, or hard negatives")
+        return self
+
+
+class TaskConfig(_Strict):
+    objective: Objective = "softmax"
+    logq: Literal["none", "counts", "streaming"] = Field(
+        "none", description="sampling-bias correction of in-batch candidates: exact counts or streaming"
+    )
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    remove_accidental_hits: bool = True
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    margin: float = Field(0.2, ge=0, description="hinge margin, on the similarity scale")
+    sigma: float = Field(1.0, gt=0, description="logistic steepness")
+
+
+class RetrievalTask(nn.Module):
+    """Loss of a batch of (query, positive) embeddings against the configured negatives.
+
+    ``forward(query [B, d], candidates [B, d], candidate_ids [B], sample_weight [B] | None,
+    batch=..., embed_items=...)``: ``candidates`` are the positives' embeddings; sampled and hard
+    negatives are embedded through ``embed_items(ids) -> [n, d]`` (the item tower).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        remove_accidental_hits: bool = True,
+        sampling_probability: SamplingProbability | None = None,
+        *,
+        objective: Objective = "softmax",
+        in_batch: bool = True,
+        sampler: UniformSampler | PopularitySampler | None = None,
+        num_sampled: int = 0,
+        shared: bool = True,
+        miner: HardNegativeMiner | None = None,
+        hard_num: int = 0,
+        positives: tuple[Tensor, Tensor] | None = None,
+        margin: float = 0.2,
+        sigma: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if objective not in losses.LOSSES:
+            raise ValueError(f"unknown objective {objective!r}; known: {sorted(losses.LOSSES)}")
+        if (sampler is None) != (num_sampled == 0) or (miner is None) != (hard_num == 0):
+            raise ValueError("a sampler needs num_sampled >= 1 and a miner hard_num >= 1 (and vice versa)")
+        if miner is not None and positives is None:
+            raise ValueError("hard negatives need the training positives (to never mine them)")
+        self.temperature, self.remove_accidental_hits = temperature, remove_accidental_hits
+        self.sampling_probability = sampling_probability
+        self.objective, self.in_batch, self.shared = objective, in_batch, shared
+        self.sampler, self.num_sampled = sampler, num_sampled
+        self.miner, self.hard_num = miner, hard_num
+        self.margin, self.sigma = margin, sigma
+        # Training steps taken, for the hard-negative refresh schedule; a buffer so resuming continues it.
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        if positives is not None:
+            self.register_buffer("positives_indptr", positives[0].long())
+            self.register_buffer("positives_items", positives[1].long())
+        self.mixed: MixedSampler | None = None
+        if in_batch and sampler is not None and shared and sampling_probability is not None:
+            per_step = isinstance(sampling_probability, StreamingFrequencyEstimator)
+            self.mixed = MixedSampler(sampler, num_sampled, sampling_probability, True, per_step)
+
+    def logits(self, query: Tensor, candidates: Tensor, candidate_ids: Tensor) -> Tensor:
+        """In-batch logit matrix [B, B]: z_ij = <q_i, c_j> / T - log Q(y_j), accidental hits at -1e9."""
+        logits = query @ candidates.T / self.temperature
+        if self.sampling_probability is not None:
+            logits = logits - self.sampling_probability.log_probability(candidate_ids).to(logits)[None, :]
+        if self.remove_accidental_hits:
+            same = candidate_ids[:, None] == candidate_ids[None, :]
+            same.fill_diagonal_(False)
+            logits = logits.masked_fill(same, -1e9)
+        return logits
+
+    def forward(
+        self,
+        query: Tensor,
+        candidates: Tensor,
+        candidate_ids: Tensor,
+        sample_weight: Tensor | None = None,
+        *,
+        batch: dict[str, Tensor] | None = None,
+        embed_items: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        if self.training:
+            self.step += 1
+            if self.sampling_probability is not None:
+                # Streaming estimators learn from the stream of training batches; exact counts ignore it.
+                self.sampling_probability.update(candidate_ids)
+        batch = batch if batch is not None else {"item_idx": candidate_ids}
+        pos_ids = candidate_ids.long()
+        n_rows = len(query)
+        pos = (query * candidates).sum(-1)
+        neg, ids, log_q, mask, log_q_pos = self._negatives(query, candidates, pos_ids, batch, embed_items)
+        if self.remove_accidental_hits:
+            mask = mask & (ids != pos_ids[:, None])
+        assert neg.shape[0] == n_rows
+        return self._loss(pos, neg, mask, sample_weight, log_q_pos, log_q)
+
+    # --- negatives -------------------------------------------------------------------------------
+    def _negatives(
+        self,
+        query: Tensor,
+        candidates: Tensor,
+        pos_ids: Tensor,
+        batch: dict[str, Tensor],
+        embed_items: Callable[[Tensor], Tensor] | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Similarities, ids, log q and validity [B, N] of every negative, plus log q of each positive."""
+        n_rows = len(query)
+        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        log_q_pos = torch.zeros(n_rows, dtype=torch.float64, device=query.device)
+        need_embed = self.num_sampled > 0 or self.hard_num > 0
+        if need_embed and embed_items is None:
+            raise ValueError("sampled or hard negatives need embed_items (the item tower)")
+        correct = self.sampling_probability is not None
+        if self.in_batch or (self.num_sampled and self.shared):
+            pool_ids, pool_emb, pool_log_q = self._shared_pool(candidates, pos_ids, embed_items)
+            sims = query @ pool_emb.T
+            valid = torch.ones_like(sims, dtype=torch.bool)
+            if self.in_batch:
+                valid[:, :n_rows].fill_diagonal_(False)  # column i of row i is the positive itself
+                log_q_pos = pool_log_q[:n_rows]
+            elif correct:
+                log_q_pos = self.sampler.log_probability(pos_ids).double()
+            parts.append((sims, pool_ids.expand(n_rows, -1), pool_log_q.expand(n_rows, -1), valid))
+        if self.num_sampled and not self.shared:
+            drawn = self.sampler.sample(batch, n_rows * self.num_sampled)
+            row_ids = drawn.ids.view(n_rows, self.num_sampled).to(query.device)
+            emb = embed_items(row_ids.reshape(-1)).view(n_rows, self.num_sampled, -1)
+            row_log_q = drawn.log_q.view(n_rows, -1) if correct else torch.zeros(row_ids.shape).double()
+            if correct and not self.in_batch:
+                log_q_pos = self.sampler.log_probability(pos_ids).double()
+            parts.append(
+                (
+                    torch.einsum("bd,bnd->bn", query, emb),
+                    row_ids,
+                    row_log_q.to(query.device),
+                    torch.ones_like(row_ids, dtype=torch.bool),
+                )
+            )
+        if self.hard_num:
+            hard = self.miner.sample(batch, self.hard_num)
+            emb = embed_items(hard.ids.reshape(-1)).view(*hard.ids.shape, -1)
+            parts.append(
+                (
+                    torch.einsum("bd,bnd->bn", query, emb),
+                    hard.ids,
+                    torch.zeros(hard.ids.shape, dtype=torch.float64, device=query.device),
+                    hard.mask,
+                )
+            )
+        sims, ids, log_q, mask = (torch.cat([p[k] for p in parts], dim=1) for k in range(4))
+        return sims, ids, log_q, mask, log_q_pos
+
+    def _shared_pool(
+        self, candidates: Tensor, pos_ids: Tensor, embed_items: Callable[[Tensor], Tensor] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Candidates shared by every row: [batch positives?, sampled?] with their log q."""
+        correct = self.sampling_probability is not None
+        if self.mixed is not None:  # mixed negatives, the mixture's probability for the correction
+            pool = self.mixed.candidates(pos_ids)
+            extra_emb = embed_items(pool.ids[len(pos_ids) :]) if self.num_sampled else candidates[:0]
+            return pool.ids, torch.cat([candidates, extra_emb]), pool.log_q
+        ids_parts, emb_parts, log_q_parts = [], [], []
+        if self.in_batch:
+            ids_parts.append(pos_ids)
+            emb_parts.append(candidates)
+            log_q_parts.append(
+                self.sampling_probability.log_probability(pos_ids).double()
+                if correct
+                else torch.zeros(len(pos_ids), dtype=torch.float64)
+            )
+        if self.num_sampled and self.shared:
+            drawn = self.sampler.sample({}, self.num_sampled)
+            ids_parts.append(drawn.ids.to(pos_ids.device))
+            emb_parts.append(embed_items(drawn.ids.to(pos_ids.device)))
+            log_q_parts.append(drawn.log_q.double() if correct else torch.zeros(self.num_sampled).double())
+        device = candidates.device
+        return (torch.cat(ids_parts), torch.cat(emb_parts), torch.cat([q.to(device) for q in log_q_parts]))
+
+    # --- objectives ------------------------------------------------------------------------------
+    def _loss(
+        self, pos: Tensor, neg: Tensor, mask: Tensor, weight: Tensor | None, log_q_pos: Tensor, log_q: Tensor
+    ) -> Tensor:
+        t = self.temperature
+        if self.objective == "softmax":
+            if self.sampling_probability is None:
+                return losses.listwise_softmax(pos / t, neg / t, mask, weight)
+            return losses.listwise_softmax(pos / t, neg / t, mask, weight, log_q_pos.to(pos), log_q.to(neg))
+        if self.objective == "pointwise_bce":
+            return losses.pointwise_bce(pos / t, neg / t, mask, weight)
+        if self.objective == "pointwise_mse":
+            return losses.pointwise_cosine_mse(pos, neg, mask, weight)
+        if self.objective == "hinge":
+            return losses.triplet_hinge(pos, neg, self.margin, mask, weight)
+        return losses.triplet_logistic(pos / t, neg / t, self.sigma, mask, weight)
+
+    # --- hard negatives --------------------------------------------------------------------------
+    @torch.no_grad()
+    def maybe_refresh(self, embed_all: Callable[[], tuple[Tensor, Tensor]]) -> bool:
+        """Re-mine hard negatives when due; ``embed_all() -> (user_emb, item_emb)`` in eval mode."""
+        if self.miner is None or not self.miner.due(int(self.step)):
+            return False
+        users, items = embed_all()
+        positives = (self.positives_indptr, self.positives_items)
+        return self.miner.refresh(users, items, positives, int(self.step))
+
+
+def build_task(
+    config: TaskConfig,
+    temperature: float,
+    num_users: int,
+    num_items: int,
+    train_users: Tensor,
+    train_items: Tensor,
+    seed: int = 0,
+) -> RetrievalTask:
+    """The task a config describes, its estimators and samplers fitted on the training pairs."""
+    from twotower.frequency import CountFrequency
+    from twotower.history import history_csr
+
+    counts = torch.bincount(train_items.long(), minlength=num_items)
+    frequency: Any = None
+    if config.logq == "counts":
+        frequency = CountFrequency(counts)
+    elif config.logq == "streaming":
+        s = config.streaming
+        frequency = StreamingFrequencyEstimator(s.num_buckets, s.num_hashes, s.alpha, seed=seed)
+    neg = config.negatives
+    sampler: Any = None
+    if neg.sampler == "uniform":
+        sampler = UniformSampler(num_items)
+    elif neg.sampler == "popularity":
+        sampler = PopularitySampler(counts, neg.popularity_alpha)
+    miner = positives = None
+    if neg.hard.num:
+        pool = min(neg.hard.pool, num_items)
+        miner = HardNegativeMiner(num_users, num_items, pool, neg.hard.refresh_every, min(neg.hard.num, pool))
+        positives = history_csr(train_users, train_items, num_users)
+    return RetrievalTask(
+        temperature, config.remove_accidental_hits, frequency, objective=config.objective,
+        in_batch=neg.in_batch, sampler=sampler, num_sampled=neg.num_sampled, shared=neg.shared,
+        miner=miner, hard_num=neg.hard.num, positives=positives, margin=config.margin, sigma=config.sigma,
+    )  # fmt: skip

@@ -1,0 +1,150 @@
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from twotower.config import parse_config
+from twotower.data.dataset import build_retrieval_data
+from twotower.demo import popularity_metrics
+from twotower.experiment import train_run
+from twotower.frequency import CountFrequency
+from twotower.losses import listwise_softmax
+from twotower.negatives import UniformSampler
+from twotower.recommender import Retriever
+from twotower.tasks import RetrievalTask
+
+Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+C = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+IDS = torch.tensor([0, 1])
+# Scores q_i . c_j = [[1, 1], [0, 1]]: positives (diagonal) 1 and 1; in-batch negatives 1 (row 0), 0 (row 1).
+
+
+def sp(x):
+    return math.log1p(math.exp(x))
+
+
+@pytest.mark.parametrize(
+    ("objective", "expected"),
+    [
+        ("hinge", (max(0, 1 + 0.5 - 1) + max(0, 0 + 0.5 - 1)) / 2),
+        ("logistic", (sp((1 - 1) / 0.5) + sp((0 - 1) / 0.5)) / 2),
+        ("pointwise_bce", ((sp(-2) + sp(2)) + (sp(-2) + sp(0))) / 2),
+        ("pointwise_mse", ((1 - 1) ** 2 + (1 + 1) ** 2 + (1 - 1) ** 2 + (0 + 1) ** 2) / 2),
+        ("softmax", (math.log(2) + math.log(1 + math.exp(-2))) / 2),
+    ],
+)
+def test_every_objective_on_in_batch_negatives_by_hand(objective, expected):
+    task = RetrievalTask(temperature=0.5, objective=objective, margin=0.5)
+    assert task(Q, C, IDS).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hinge_margin_behaviour():
+    # Row 0's gap s+ - s- is 0 and row 1's is 1: with a margin of 1 row 1 sits exactly on the boundary.
+    assert RetrievalTask(objective="hinge", margin=1.0)(Q, C, IDS).item() == pytest.approx((1 + 0) / 2)
+    assert RetrievalTask(objective="hinge", margin=0.0)(Q, C, IDS).item() == 0.0
+
+
+def _negatives(task, pos_ids, n_rows=6, dim=4):
+    gen = torch.Generator().manual_seed(0)
+    query, cand = torch.randn(n_rows, dim, generator=gen), torch.randn(n_rows, dim, generator=gen)
+
+    def embed(ids):
+        return torch.nn.functional.embedding(
+            ids, torch.randn(10, dim, generator=torch.Generator().manual_seed(1))
+        )
+
+    out = task._negatives(
+        query, cand, pos_ids, {"item_idx": pos_ids, "user_idx": torch.arange(n_rows)}, embed
+    )
+    return out, (query, cand, embed)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_no_valid_negative_equals_its_own_positive(shared):
+    torch.manual_seed(0)
+    pos_ids = torch.tensor([0, 1, 1, 2, 0, 2])  # duplicates in the batch and a 3-item sampler: many hits
+    task = RetrievalTask(temperature=0.1, sampler=UniformSampler(3), num_sampled=8, shared=shared)
+    (sims, ids, _, mask, _), _ = _negatives(task, pos_ids)
+    mask = mask & (ids != pos_ids[:, None])  # what forward applies with remove_accidental_hits
+    assert ids.shape == (6, 6 + 8)  # in-batch columns, then the shared or per-row sampled ones
+    assert not bool((ids == pos_ids[:, None])[mask].any())
+    loss = task(torch.randn(6, 4), torch.randn(6, 4), pos_ids, embed_items=lambda i: torch.randn(len(i), 4))
+    assert torch.isfinite(loss)
+
+
+def test_mixed_negatives_use_the_mixture_probability():
+    counts = torch.tensor([6.0, 3.0, 1.0, 0.0])
+    task = RetrievalTask(
+        temperature=0.5, sampling_probability=CountFrequency(counts), sampler=UniformSampler(4), num_sampled=2
+    )
+    torch.manual_seed(5)
+    pos_ids = torch.tensor([0, 1])
+    query, cand = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    loss = task(query, cand, pos_ids, embed_items=lambda ids: table[ids])
+    torch.manual_seed(5)
+    extra = torch.randint(0, 4, (2,))  # the same draws the uniform sampler made
+    pool = torch.cat([pos_ids, extra])
+    # q(y) = (B p_batch(y) + B' p_uniform(y)) / (B + B'); p_batch = count / 10, zero counts floored to 1.
+    p_batch = counts.clamp_min(1)[pool] / 10
+    q = (2 * p_batch + 2 * 0.25) / 4
+    sims = query @ torch.cat([cand, table[extra]]).T / 0.5
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[0, 0] = mask[1, 1] = False
+    mask &= pool[None, :] != pos_ids[:, None]
+    expected = listwise_softmax(
+        sims.diagonal(), sims, mask, None, q.log()[:2].double(), q.log().double().expand(2, 4)
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_config_validates_negative_schemes():
+    with pytest.raises(Exception, match="sampler"):
+        parse_config({"task": {"negatives": {"sampler": "uniform"}}})
+    with pytest.raises(Exception, match="no negatives"):
+        parse_config({"task": {"negatives": {"in_batch": False}}})
+    with pytest.raises(Exception, match="objective"):
+        parse_config({"task": {"objective": "pairwise"}})
+
+
+SCHEMES = {
+    "pointwise 1:3": {
+        "objective": "pointwise_bce",
+        "negatives": {"in_batch": False, "sampler": "uniform", "num_sampled": 3, "shared": False},
+    },
+    "hinge in-batch": {"objective": "hinge", "margin": 0.3},
+    "bpr popularity": {
+        "objective": "logistic",
+        "negatives": {"in_batch": False, "sampler": "popularity", "num_sampled": 4, "shared": False},
+    },
+    "listwise uniform": {
+        "objective": "softmax",
+        "logq": "counts",
+        "negatives": {"in_batch": False, "sampler": "uniform", "num_sampled": 32},
+    },
+    "mixed + hard": {
+        "objective": "softmax",
+        "logq": "counts",
+        "negatives": {
+            "sampler": "uniform",
+            "num_sampled": 64,
+            "hard": {"num": 2, "pool": 10, "refresh_every": 5},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_every_scheme_learns_the_planted_structure(scheme, tmp_path):
+    raw = tiny_config(epochs=4).model_dump()
+    raw["task"] = SCHEMES[scheme]
+    raw["model"]["user_tower"]["dropout"] = raw["model"]["item_tower"]["dropout"] = 0.0
+    cfg = parse_config(raw)
+    data = build_retrieval_data(cfg)
+    metrics = train_run(cfg, tmp_path, progress=False, data=data)
+    popular = popularity_metrics(data, "temporal")
+    assert metrics["recall@10"] > 1.3 * popular["recall@10"], (scheme, metrics["recall@10"], popular)
+    retriever = Retriever.load(tmp_path)  # every scheme's state (samplers, miner) loads back strictly
+    if "hard" in scheme:
+        assert int(retriever.model.task.miner.last_refresh) > 0
