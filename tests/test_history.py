@@ -2,73 +2,147 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from twotower.data.dataset import build_retrieval_data
+from twotower.config import parse_config
+from twotower.data.dataset import build_retrieval_data, iterate_batches
 from twotower.experiment import build_model, train_run
-from twotower.history import MeanHistoryEncoder, history_csr
+from twotower.history import HistoryConfig, HistoryEncoder, history_csr, history_positions
 from twotower.recommender import Retriever
 
-
-def test_history_csr_keeps_log_order_and_the_most_recent():
-    users = torch.tensor([1, 0, 1, 1, 2])
-    items = torch.tensor([5, 3, 4, 6, 2])
-    indptr, hist = history_csr(users, items, num_users=4)
-    assert indptr.tolist() == [0, 1, 4, 5, 5] and hist.tolist() == [3, 5, 4, 6, 2]
-    indptr, hist = history_csr(users, items, num_users=4, max_len=2)
-    assert indptr.tolist() == [0, 1, 3, 4, 4] and hist.tolist() == [3, 4, 6, 2]
+USERS = torch.tensor([1, 0, 1, 1, 2])
+ITEMS = torch.tensor([5, 3, 4, 6, 2])  # user 1's events in time order: 5, 4, 6
 
 
-def test_mean_pooling_leaves_the_target_out_by_hand():
-    indptr, hist = history_csr(torch.tensor([1, 0, 1, 1]), torch.tensor([5, 3, 4, 6]), num_users=4)
-    enc = MeanHistoryEncoder(indptr, hist, num_items=7, dim=2)
+def test_csr_and_positions_by_hand():
+    indptr, items, actions = history_csr(USERS, ITEMS, num_users=4, actions=torch.tensor([1, 2, 3, 4, 5]))
+    assert indptr.tolist() == [0, 1, 4, 5, 5] and items.tolist() == [3, 5, 4, 6, 2]
+    assert actions.tolist() == [2, 1, 3, 4, 5]
+    assert history_positions(USERS, 4).tolist() == [0, 0, 1, 2, 0]  # events before each row
+
+
+def _encoder(pooling="mean", max_len=2, actions=None):
+    cfg = HistoryConfig(enabled=True, pooling=pooling, max_len=max_len, item_feature=None, dropout=0.0)
+    indptr, items, acts = history_csr(USERS, ITEMS, 4, actions)
+    torch.manual_seed(0)
+    enc = HistoryEncoder(cfg, indptr, items, acts, num_items=7, dim=2, own_table=True)
     with torch.no_grad():
-        enc.embedding.weight.copy_(torch.arange(14.0).view(7, 2))  # e_i = [2i, 2i + 1]
-    out = enc(torch.tensor([1, 1, 3, 0]), torch.tensor([4, 9, 0, 3]))
+        enc.item_embedding.weight.copy_(torch.arange(14.0).view(7, 2))  # e_i = [2i, 2i + 1]
+    return enc.eval()
+
+
+def test_mean_pooling_by_hand_with_end_exclude_and_max_len():
+    enc = _encoder(max_len=2)
+    out = enc(torch.tensor([1, 1, 1, 3, 0, 1]), end=torch.tensor([3, 1, 0, 0, 1, 2]))
     expected = torch.tensor(
         [
-            [(10 + 12) / 2, (11 + 13) / 2],  # user 1 = {5, 4, 6} without 4: mean(e5, e6)
-            [(10 + 8 + 12) / 3, (11 + 9 + 13) / 3],  # 9 is not in the history: nothing left out
-            [0.0, 0.0],  # empty history
-            [0.0, 0.0],  # its only item left out
+            [(8 + 12) / 2, (9 + 13) / 2],  # user 1, all 3 events, last 2 kept: mean(e4, e6)
+            [10.0, 11.0],  # only the first event (5) precedes
+            [0.0, 0.0],  # nothing before the first event
+            [0.0, 0.0],  # user 3 has no history
+            [6.0, 7.0],  # user 0: {3}
+            [(10 + 8) / 2, (11 + 9) / 2],  # events 5 and 4
         ]
     )
     assert torch.allclose(out, expected)
-    full = enc(torch.tensor([1]))
-    assert torch.allclose(full, torch.tensor([[10.0, 11.0]]))
-    out.sum().backward()
-    # Item 4 gets 1/3 from row 1 only: row 0 left it out, so it contributes no gradient there.
-    assert torch.allclose(enc.embedding.weight.grad[4], torch.full((2,), 1 / 3))
+    left_out = enc(torch.tensor([1]), exclude=torch.tensor([6]))
+    assert torch.allclose(left_out, torch.tensor([[8.0, 9.0]]))  # last two are 4, 6; 6 is excluded
 
 
-def test_history_model_trains_saves_and_serves(tmp_path):
-    cfg = tiny_config(epochs=3)
-    cfg = cfg.model_copy(
-        update={
-            "model": cfg.model.model_copy(
-                update={"history": cfg.model.history.model_copy(update={"enabled": True})}
-            )
-        }
-    )
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_padding_does_not_change_the_output(pooling):
+    short, long = _encoder(pooling, max_len=3), _encoder(pooling, max_len=40)
+    if pooling == "attention":  # same weights; the long encoder's extra recency rows are padding-only
+        state = short.state_dict()
+        state["recency.weight"] = torch.cat([state["recency.weight"], long.recency.weight[3:].detach()])
+        long.load_state_dict(state)
+    users = torch.tensor([1, 0, 2, 3])
+    assert torch.allclose(short(users), long(users), atol=1e-6)
+    assert torch.all(short(torch.tensor([3])) == 0)  # an empty history is the zero vector, not NaN
+
+
+def test_action_embeddings_are_added_per_event():
+    enc = _encoder(
+        max_len=5, actions=torch.tensor([1, 1, 2, 1, 1])
+    )  # user 1's events 5, 4, 6: actions 1, 2, 1
+    with torch.no_grad():
+        enc.action_embedding.weight.copy_(torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]]))
+    out = enc(torch.tensor([1]))
+    expected = (
+        torch.tensor([10.0, 11.0])
+        + torch.tensor([8.0, 9.0])
+        + torch.tensor([12.0, 13.0])
+        + torch.tensor([200.0, 100.0])
+    ) / 3
+    assert torch.allclose(out, expected[None])
+
+
+def test_training_history_never_holds_the_target_or_later_events():
+    cfg = _history_config("mean")
     data = build_retrieval_data(cfg)
     model = build_model(cfg, data)
-    assert model.history is not None and model.user_tower.input_dim == 16 + 16 + 16
-    metrics = train_run(cfg, tmp_path, progress=False, data=data)
-    retriever = Retriever.load(tmp_path)
-    assert torch.equal(retriever.model.history.items, model.history.items)
-    again = retriever.model.user_embeddings()
-    assert again.shape == (data.num_users, 16)
-    assert metrics["recall@10"] > 0
-
-
-def test_enabled_history_without_data_is_an_error():
-    from twotower.features import FieldInfo
-    from twotower.retrieval import ModelConfig, TwoTowerModel
-
-    cfg = ModelConfig.model_validate({"history": {"enabled": True}})
-    with pytest.raises(ValueError, match="histories"):
-        TwoTowerModel(
-            cfg,
-            [FieldInfo("u", "categorical", 3, None)],
-            [FieldInfo("i", "categorical", 3, None)],
-            {"u": torch.tensor([1, 2])},
-            {"i": torch.tensor([1, 2])},
+    times = torch.as_tensor(
+        data.raw.interactions.set_index(["user_id", "item_id"])["timestamp"]
+        .reindex(
+            list(
+                zip(
+                    data.user_ids[data.train.user_idx.numpy()],
+                    data.item_ids[data.train.item_idx.numpy()],
+                    strict=True,
+                )
+            )
         )
+        .to_numpy()
+    )
+    event_time = torch.empty_like(times)
+    order = torch.sort(data.train.user_idx, stable=True).indices
+    event_time[:] = times[order]  # the CSR's events in the same order as model.history.items
+    for batch in iterate_batches(data.train, 256, seed=0, epoch=1):
+        positions, valid, _ = model.history.padded(batch["user_idx"], batch["history_end"])
+        row_time = times[_row_index(data, batch)]
+        seen_items = model.history.items[positions]
+        assert not bool((seen_items == batch["item_idx"][:, None])[valid].any())
+        assert bool((event_time[positions][valid] <= row_time[:, None].expand_as(positions)[valid]).all())
+        break
+
+
+def _row_index(data, batch):
+    key = data.train.user_idx * len(data.item_ids) + data.train.item_idx
+    wanted = batch["user_idx"] * len(data.item_ids) + batch["item_idx"]
+    sorter = torch.argsort(key)
+    return sorter[torch.searchsorted(key[sorter], wanted)]
+
+
+def _history_config(pooling, view="before"):
+    raw = tiny_config(epochs=2).model_dump()
+    raw["model"]["history"] = {
+        "enabled": True,
+        "pooling": pooling,
+        "max_len": 20,
+        "training_view": view,
+        "action_column": "rating",
+        "num_layers": 1,
+    }
+    return parse_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("pooling", "view"), [("mean", "before"), ("attention", "before"), ("mean", "all_but_target")]
+)
+def test_history_models_train_save_and_serve(pooling, view, tmp_path):
+    cfg = _history_config(pooling, view)
+    data = build_retrieval_data(cfg)
+    metrics = train_run(cfg, tmp_path, progress=False, data=data)
+    assert metrics["recall@10"] > 0
+    retriever = Retriever.load(tmp_path)
+    # The history shares the item tower's id table: no second copy is saved.
+    assert not any(k.startswith("history.item_embedding") for k in retriever.model.state_dict())
+    assert retriever.model.user_embeddings().shape == (data.num_users, 16)
+
+
+def test_history_errors_are_explained():
+    raw = tiny_config().model_dump()
+    raw["model"]["history"] = {"enabled": True, "item_feature": "genres"}
+    with pytest.raises(ValueError, match="item_feature"):
+        build_model(parse_config(raw), build_retrieval_data(parse_config(raw)))
+    raw["model"]["history"] = {"enabled": True, "action_column": "stars"}
+    with pytest.raises(ValueError, match="stars"):
+        build_retrieval_data(parse_config(raw))

@@ -54,9 +54,7 @@ def build_model(config: RunConfig, data: RetrievalData) -> TwoTowerModel:
     history = None
     if config.model.history.enabled:
         # The training log is the history the model may see: test items never leak into it.
-        history = history_csr(
-            data.train.user_idx, data.train.item_idx, data.num_users, config.model.history.max_len
-        )
+        history = history_csr(data.train.user_idx, data.train.item_idx, data.num_users, data.train.action)
     return TwoTowerModel(
         config.model,
         data.user_encoder.fields(),

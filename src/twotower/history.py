@@ -1,28 +1,36 @@
-"""The user's interaction history as an input of the user tower.
+"""The user's interaction history as an input of the user tower: mean pooling or stacked self-attention.
 
-A user id embedding only knows what that user's own rows taught it; a pooled embedding of the items the
-user interacted with shares strength across users (two users with similar histories get similar
-vectors) and works for a user the model has never trained on, given their history. This is the
-"watch history" input of YouTube's candidate generator (Covington et al., RecSys 2016).
+A user id embedding only knows what that user's own rows taught it; an encoding of the items the user
+interacted with shares strength across users (similar histories give similar vectors) and serves a
+user the model never trained on, given their history: the "watch history" input of YouTube's candidate
+generator (Covington et al. 2016). Each event's vector is C_i = e(item_i) [+ e(action_i)], where e(item)
+is by default the item tower's own id embedding (shared, so both towers speak one language) and the
+optional action (e.g. the rating level) gets its own small table.
 
-Histories are stored as a CSR over user indices (``indptr``, ``items``), in log order (chronological
-when the log has timestamps), as model buffers, so a saved model carries them.
+Histories are stored once, as a CSR over user indices in chronological order (``indptr``, ``items``,
+optional ``actions``), as model buffers, so a saved model carries them. Every training row carries its
+``history_end``: how many of its user's events came strictly before it. With the default training
+view ``before`` a row sees only those events, never its target or anything later, which is exactly
+the situation at evaluation time (predict what comes next from what came before). The view
+``all_but_target`` shows every other training event of the user (leave-one-out), which suits random,
+non-temporal splits. At evaluation and serving time the whole training history is used.
 
-Leakage: when a training pair (u, i) is scored, i is itself in u's history; a user vector that
-contains e_i makes the pair trivially easy and teaches the model to copy, not to generalise. With
-``exclude_target`` the positive is removed from its own row's history during training (leave-one-out),
-which is the training-time view of the evaluation-time situation "predict an item not yet in history".
+Encoders see the last ``max_len`` events, padded on the right and masked. Self-attention adds a learned
+embedding of each event's recency (0 = most recent), so the output does not depend on how much padding
+a batch happens to need; a Transformer encoder (padding mask, no causal mask: all events are in the past)
+is followed by a masked mean over the events.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-__all__ = ["HistoryConfig", "MeanHistoryEncoder", "history_csr"]
+__all__ = ["HistoryConfig", "HistoryEncoder", "history_csr", "history_positions"]
 
 
 class HistoryConfig(BaseModel):
@@ -31,58 +39,128 @@ class HistoryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = False
-    pooling: Literal["mean"] = "mean"
-    embedding_dim: int | None = Field(None, ge=1, description="None: the user tower's embedding_dim")
-    max_len: int | None = Field(None, ge=1, description="keep only the most recent max_len items")
-    exclude_target: bool = Field(True, description="drop a training positive from its own history")
+    pooling: Literal["mean", "attention"] = "mean"
+    max_len: int = Field(50, ge=1, description="the most recent max_len events are encoded")
+    training_view: Literal["before", "all_but_target"] = Field(
+        "before", description="before: only events strictly before the target; all_but_target: leave-one-out"
+    )
+    item_feature: str | None = Field(
+        "item_id", description="item feature whose embedding is shared with the history; None: own table"
+    )
+    embedding_dim: int | None = Field(None, ge=1, description="own table only; None: user tower default")
+    action_column: str | None = Field(None, description="per-event action (e.g. rating) embedded and added")
+    num_layers: int = Field(2, ge=1, description="attention: stacked encoder layers")
+    num_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
 
 
 def history_csr(
-    user_idx: Tensor, item_idx: Tensor, num_users: int, max_len: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """(indptr [U + 1], items [nnz]) of each user's items in the given (log) order, last ``max_len`` kept."""
-    user_idx, item_idx = user_idx.long(), item_idx.long()
-    order = torch.sort(user_idx, stable=True).indices  # stable: keeps log order within a user
-    users, items = user_idx[order], item_idx[order]
-    counts = torch.bincount(users, minlength=num_users)
-    if max_len is not None:
-        # Position from the end within each user's run; keep the last max_len.
-        ends = torch.cumsum(counts, 0)[users]
-        keep = ends - torch.arange(len(users)) <= max_len
-        users, items = users[keep], items[keep]
-        counts = torch.bincount(users, minlength=num_users)
+    user_idx: Tensor, item_idx: Tensor, num_users: int, actions: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(indptr [U + 1], items [nnz], actions [nnz] | None): each user's events in the given (log) order."""
+    order = torch.sort(user_idx.long(), stable=True).indices  # stable: keeps log order within a user
+    counts = torch.bincount(user_idx.long(), minlength=num_users)
     indptr = torch.zeros(num_users + 1, dtype=torch.long)
     indptr[1:] = torch.cumsum(counts, 0)
-    return indptr, items
+    return indptr, item_idx.long()[order], None if actions is None else actions.long()[order]
 
 
-class MeanHistoryEncoder(nn.Module):
-    """Mean of the embeddings of a user's history items, optionally leaving out one target item per row.
+def history_positions(user_idx: Tensor, num_users: int) -> Tensor:
+    """For each row of a log, how many rows of the same user come before it (its ``history_end``)."""
+    user_idx = user_idx.long()
+    order = torch.sort(user_idx, stable=True).indices
+    counts = torch.bincount(user_idx, minlength=num_users)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.empty_like(user_idx)
+    position[order] = torch.arange(len(user_idx)) - starts[user_idx[order]]
+    return position
 
-    ``forward(user_idx, exclude=None) -> Tensor[B, dim]``; a user with an empty history (or whose only
-    item is excluded) gets the zero vector.
+
+class HistoryEncoder(nn.Module):
+    """``forward(user_idx, end=None, exclude=None, embed_items=None) -> Tensor[B, dim]``.
+
+    Row b encodes the last ``max_len`` of user u's first ``end[b]`` events (all events when ``end`` is
+    None), without any event equal to ``exclude[b]``. ``embed_items(idx)`` embeds catalogue indices
+    when the item embedding is shared with the item tower; otherwise the encoder's own table does. A
+    row without events gets the zero vector.
     """
 
-    def __init__(self, indptr: Tensor, items: Tensor, num_items: int, dim: int, init_std: float = 0.05):
+    def __init__(
+        self,
+        config: HistoryConfig,
+        indptr: Tensor,
+        items: Tensor,
+        actions: Tensor | None,
+        num_items: int,
+        dim: int,
+        own_table: bool,
+        init_std: float = 0.05,
+    ) -> None:
         super().__init__()
+        self.config, self.dim = config, dim
         self.register_buffer("indptr", indptr.long())
         self.register_buffer("items", items.long())
-        self.embedding = nn.EmbeddingBag(num_items, dim, mode="sum")
-        nn.init.normal_(self.embedding.weight, std=init_std)
-        self.dim = dim
+        self.item_embedding = nn.Embedding(num_items, dim) if own_table else None
+        self.action_embedding = None
+        if actions is not None:
+            self.register_buffer("actions", actions.long())
+            self.action_embedding = nn.Embedding(int(actions.max()) + 1 if len(actions) else 1, dim)
+        for table in (self.item_embedding, self.action_embedding):
+            if table is not None:
+                nn.init.normal_(table.weight, std=init_std)
+        self.encoder = None
+        if config.pooling == "attention":
+            self.recency = nn.Embedding(config.max_len, dim)
+            nn.init.normal_(self.recency.weight, std=init_std)
+            layer = nn.TransformerEncoderLayer(
+                dim,
+                config.num_heads,
+                dim_feedforward=2 * dim,
+                dropout=config.dropout,
+                batch_first=True,
+                norm_first=True,
+            )
+            self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
 
-    def forward(self, user_idx: Tensor, exclude: Tensor | None = None) -> Tensor:
+    def padded(self, user_idx: Tensor, end: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(positions into ``items`` [B, L], valid [B, L], recency [B, L]) of each row's last L events."""
         start, stop = self.indptr[user_idx], self.indptr[user_idx + 1]
-        lengths = stop - start
-        offsets = torch.zeros_like(lengths)
-        offsets[1:] = torch.cumsum(lengths, 0)[:-1]
-        # Flat positions into self.items of every (row, history item) pair.
-        row = torch.repeat_interleave(torch.arange(len(user_idx), device=lengths.device), lengths)
-        flat = start[row] + torch.arange(len(row), device=lengths.device) - offsets[row]
-        bag_items = self.items[flat]
-        weights = torch.ones(len(bag_items), device=bag_items.device)
+        if end is not None:
+            stop = torch.minimum(start + end.long(), stop)
+        width = self.config.max_len
+        n = torch.clamp(stop - start, max=width)
+        slot = torch.arange(width, device=user_idx.device)
+        valid = slot[None, :] < n[:, None]
+        positions = torch.where(valid, (stop - n)[:, None] + slot[None, :], 0)
+        recency = torch.where(valid, n[:, None] - 1 - slot[None, :], 0)
+        return positions, valid, recency
+
+    def forward(
+        self,
+        user_idx: Tensor,
+        end: Tensor | None = None,
+        exclude: Tensor | None = None,
+        embed_items: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        positions, valid, recency = self.padded(user_idx, end)
+        ids = self.items[positions] if len(self.items) else torch.zeros_like(positions)
         if exclude is not None:
-            weights = (bag_items != exclude[row]).float()
-        summed = self.embedding(bag_items, offsets, per_sample_weights=weights)
-        count = torch.zeros(len(user_idx), device=weights.device).index_add_(0, row, weights)
-        return summed / count.clamp_min(1.0).unsqueeze(1)
+            valid = valid & (ids != exclude[:, None])
+        if self.item_embedding is not None:
+            events = self.item_embedding(ids)
+        elif embed_items is not None:
+            events = embed_items(ids.reshape(-1)).view(*ids.shape, -1)
+        else:
+            raise ValueError("a history sharing the item embedding needs embed_items")
+        if self.action_embedding is not None:
+            events = events + self.action_embedding(self.actions[positions])
+        empty = ~valid.any(dim=1)
+        if self.encoder is not None:
+            events = events + self.recency(recency)
+            # An all-padding row would make attention NaN: let it attend to its (zeroed) first slot.
+            mask = valid.clone()
+            mask[empty, 0] = True
+            events = self.encoder(events * mask[..., None], src_key_padding_mask=~mask)
+        weights = valid.to(events.dtype)[..., None]
+        pooled = (events * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return pooled.masked_fill(empty[:, None], 0.0)

@@ -66,7 +66,7 @@ class Retriever:
         )
         history = None
         if config.model.history.enabled:
-            history = (tensors["history.indptr"], tensors["history.items"])
+            history = (tensors["history.indptr"], tensors["history.items"], tensors.get("history.actions"))
         model = TwoTowerModel(
             config.model,
             user_encoder.fields(),

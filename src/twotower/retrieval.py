@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from twotower.features import FieldInfo
-from twotower.history import HistoryConfig, MeanHistoryEncoder
+from twotower.history import HistoryConfig, HistoryEncoder
 from twotower.tasks import RetrievalTask
 from twotower.topk import CSR, topk_items
 from twotower.towers import Tower, TowerConfig
@@ -44,18 +44,12 @@ class TwoTowerModel(nn.Module):
         user_table: dict[str, Tensor],
         item_table: dict[str, Tensor],
         task: RetrievalTask | None = None,
-        history: tuple[Tensor, Tensor] | None = None,
+        history: tuple[Tensor, Tensor, Tensor | None] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         cosine = config.similarity == "cosine"
-        self.history: MeanHistoryEncoder | None = None
-        if config.history.enabled:
-            if history is None:
-                raise ValueError("model.history.enabled needs the users' histories (indptr, items)")
-            dim = config.history.embedding_dim or config.user_tower.embedding_dim
-            num_items = len(next(iter(item_table.values())))
-            self.history = MeanHistoryEncoder(*history, num_items, dim, config.user_tower.init_std)
+        self.history = _history_encoder(config, item_fields, item_table, history)
         extra = self.history.dim if self.history is not None else 0
         # Cosine similarity is the dot product of L2-normalised embeddings, so the index can always use
         # inner product and the metric at serving time equals the metric at training time.
@@ -84,17 +78,34 @@ class TwoTowerModel(nn.Module):
     def item_features(self, item_idx: Tensor) -> dict[str, Tensor]:
         return {name: getattr(self, f"item__{name}")[item_idx] for name in self.item_names}
 
-    def encode_users(self, user_idx: Tensor, exclude_items: Tensor | None = None) -> Tensor:
-        """User embeddings; ``exclude_items[b]`` is left out of row b's history (training positives)."""
-        extra = None if self.history is None else self.history(user_idx, exclude_items)
+    def encode_users(
+        self, user_idx: Tensor, history_end: Tensor | None = None, exclude_items: Tensor | None = None
+    ) -> Tensor:
+        """User embeddings from features and history: the first ``history_end[b]`` events of row b's
+        user (all when None), without ``exclude_items[b]``."""
+        extra = None
+        if self.history is not None:
+            extra = self.history(user_idx, history_end, exclude_items, self._history_item_embedding)
         return self.user_tower(self.user_features(user_idx), extra)
 
+    def _history_item_embedding(self, item_idx: Tensor) -> Tensor:
+        """The item tower's own embedding of the shared item feature (catalogue index -> vector)."""
+        name = self.config.history.item_feature
+        return self.item_tower.categorical[name](getattr(self, f"item__{name}")[item_idx])
+
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """Loss of a batch ``{"user_idx", "item_idx", optional "weight"}`` of positive pairs."""
+        """Loss of a batch ``{"user_idx", "item_idx", optional "weight", "history_end"}`` of positives."""
         if self.training and self.task.miner is not None:
             self.task.maybe_refresh(self._embed_all)
-        leave_out = batch["item_idx"] if self.config.history.exclude_target else None
-        query = self.encode_users(batch["user_idx"], leave_out)
+        end = exclude = None
+        if self.history is not None:
+            if self.config.history.training_view == "before":
+                if "history_end" not in batch:
+                    raise KeyError("a history seen 'before' the target needs batch['history_end']")
+                end = batch["history_end"]  # only events strictly before this one: no leakage
+            else:
+                exclude = batch["item_idx"]
+        query = self.encode_users(batch["user_idx"], end, exclude)
         candidates = self.item_tower(self.item_features(batch["item_idx"]))
         return self.task(
             query,
@@ -134,6 +145,33 @@ class TwoTowerModel(nn.Module):
             return topk_items(queries, self.item_embeddings(), k, exclude=exclude)
         finally:
             self.train(was_training)
+
+
+def _history_encoder(
+    config: ModelConfig,
+    item_fields: list[FieldInfo],
+    item_table: dict[str, Tensor],
+    history: tuple[Tensor, Tensor, Tensor | None] | None,
+) -> HistoryEncoder | None:
+    hc = config.history
+    if not hc.enabled:
+        return None
+    if history is None:
+        raise ValueError("model.history.enabled needs the users' histories (indptr, items)")
+    num_items = len(next(iter(item_table.values())))
+    if hc.item_feature is None:
+        dim = hc.embedding_dim or config.user_tower.embedding_dim
+    else:
+        field = next((f for f in item_fields if f.name == hc.item_feature and f.kind == "categorical"), None)
+        if field is None:
+            raise ValueError(
+                f"model.history.item_feature {hc.item_feature!r} is not a categorical/id item "
+                f"feature; item features: {[f.name for f in item_fields]}"
+            )
+        dim = field.embedding_dim or config.item_tower.embedding_dim
+    return HistoryEncoder(
+        hc, *history, num_items, dim, own_table=hc.item_feature is None, init_std=config.user_tower.init_std
+    )
 
 
 def _with_norm(tower: TowerConfig, cosine: bool) -> TowerConfig:

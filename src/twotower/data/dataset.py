@@ -26,6 +26,7 @@ from twotower.data.movielens import load_movielens
 from twotower.data.synthetic import SyntheticWorld
 from twotower.evaluate import split_for
 from twotower.features import FeatureEncoder
+from twotower.history import history_positions
 
 USER, ITEM = "user_id", "item_id"
 
@@ -45,6 +46,8 @@ class Interactions:
     user_idx: Tensor
     item_idx: Tensor
     weight: Tensor | None = None
+    history_end: Tensor | None = None  # training rows: how many of the user's events precede this one
+    action: Tensor | None = None  # per-event action code (e.g. rating) for the history encoder
 
     def __len__(self) -> int:
         return len(self.user_idx)
@@ -113,6 +116,21 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
 
     user_pos = pd.Index(user_ids)
     item_pos = pd.Index(item_ids)
+    train = _to_indices(train_df, user_pos, item_pos)
+    # Rows are chronological (sorted above when there are timestamps), so a row's position among its
+    # user's rows counts the events strictly before it: the history it may see in training.
+    train.history_end = history_positions(train.user_idx, len(user_ids))
+    action = config.model.history.action_column
+    if config.model.history.enabled and action is not None:
+        if action not in train_df.columns:
+            raise ValueError(
+                f"model.history.action_column {action!r} is not a column of the interactions "
+                f"(columns: {list(train_df.columns)})"
+            )
+        codes = pd.to_numeric(train_df[action]).round().astype("int64").to_numpy(copy=True)
+        train.action = torch.as_tensor(codes)
+        if int(train.action.min()) < 0:
+            raise ValueError(f"model.history.action_column {action!r} must hold non-negative codes")
     return RetrievalData(
         user_ids=user_ids,
         item_ids=item_ids,
@@ -120,7 +138,7 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
         item_encoder=item_encoder,
         user_table=user_encoder.transform(user_frame),
         item_table=item_encoder.transform(item_frame),
-        train=_to_indices(train_df, user_pos, item_pos),
+        train=train,
         valid=None if valid_df is None else _to_indices(valid_df, user_pos, item_pos),
         test=_to_indices(test_df, user_pos, item_pos),
         items=raw.items,
@@ -142,6 +160,8 @@ def iterate_batches(
         batch = {"user_idx": data.user_idx[idx], "item_idx": data.item_idx[idx]}
         if data.weight is not None:
             batch["weight"] = data.weight[idx]
+        if data.history_end is not None:
+            batch["history_end"] = data.history_end[idx]
         yield batch
 
 
