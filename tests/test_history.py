@@ -1,3 +1,4 @@
+import pandas as pd
 import pytest
 import torch
 
@@ -79,19 +80,11 @@ def test_training_history_never_holds_the_target_or_later_events():
     cfg = _history_config("mean")
     data = build_retrieval_data(cfg)
     model = build_model(cfg, data)
-    times = torch.as_tensor(
-        data.raw.interactions.set_index(["user_id", "item_id"])["timestamp"]
-        .reindex(
-            list(
-                zip(
-                    data.user_ids[data.train.user_idx.numpy()],
-                    data.item_ids[data.train.item_idx.numpy()],
-                    strict=True,
-                )
-            )
-        )
-        .to_numpy()
+    stamps = data.raw.interactions.set_index(["user_id", "item_id"])["timestamp"]
+    pairs = pd.MultiIndex.from_arrays(
+        [data.user_ids[data.train.user_idx.numpy()], data.item_ids[data.train.item_idx.numpy()]]
     )
+    times = torch.tensor(stamps.reindex(pairs).to_numpy())  # each training row's timestamp
     event_time = torch.empty_like(times)
     order = torch.sort(data.train.user_idx, stable=True).indices
     event_time[:] = times[order]  # the CSR's events in the same order as model.history.items
