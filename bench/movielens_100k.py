@@ -10,25 +10,17 @@ Reads ML-100K from ../shared/data/ml-100k when present (or --data), otherwise do
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
+from common import DEFAULT_ML100K, RESULTS, ROOT, measured_rows, result, write
 from twotower.config import load_config
 from twotower.data.dataset import build_retrieval_data, load_raw
 from twotower.demo import popularity_metrics
 from twotower.experiment import train_run
-from twotower.storage import atomic_write_text, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-100k"
+DEFAULT_DATA = DEFAULT_ML100K
 NAME = "movielens_100k"
 
 RUNS = {  # protocol -> (config, method name, metrics reported)
@@ -82,16 +74,6 @@ ANCHORS = [
 ]
 
 
-def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def run(args: argparse.Namespace) -> dict:
     seeds = [0] if args.quick else list(range(args.seeds))
     data_path = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.exists() else None)
@@ -118,20 +100,8 @@ def run(args: argparse.Namespace) -> dict:
                 values[n].append(float(metrics[n]))
             values["seconds"].append(float(metrics["total_seconds"]))
             values["examples_per_s"].append(float(metrics["train_examples_per_s"]))
-        for metric, vals in values.items():
-            rows.append(
-                {
-                    "dataset": "ml-100k",
-                    "protocol": protocol,
-                    "method": method,
-                    "metric": metric,
-                    "mean": statistics.fmean(vals),
-                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                    "values": vals,
-                    "seeds": seeds,
-                    "config": config_path,
-                }
-            )
+        base = {"dataset": "ml-100k", "protocol": protocol, "method": method, "config": config_path}
+        rows.extend(measured_rows(base, values, seeds))
         popular = popularity_metrics(data, protocol)
         rows.extend(
             {
@@ -160,46 +130,7 @@ def run(args: argparse.Namespace) -> dict:
             }
             for m, v in metrics.items()
         )
-    return {
-        "benchmark": NAME,
-        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": machine(),
-        "command": "python bench/movielens_100k.py" + (" --quick" if args.quick else ""),
-        "rows": rows,
-    }
-
-
-def markdown(result: dict) -> str:
-    lines = [
-        f"# {result['benchmark']}",
-        "",
-        f"`{result['command']}` on {result['machine']['cores']} cores, "
-        f"torch {result['machine']['torch']}, {result['created']}.",
-        "",
-    ]
-    for protocol in dict.fromkeys(r["protocol"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["protocol"] == protocol]
-        metrics = list(dict.fromkeys(r["metric"] for r in rows))
-        lines += [
-            f"## protocol `{protocol}`",
-            "",
-            "| method | " + " | ".join(metrics) + " |",
-            "|---" * (len(metrics) + 1) + "|",
-        ]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            cells = []
-            for metric in metrics:
-                row = next((r for r in rows if r["method"] == method and r["metric"] == metric), None)
-                if row is None:
-                    cells.append("")
-                elif row.get("anchor") or not row.get("std"):
-                    cells.append(f"{row['mean']:.4g}")
-                else:
-                    cells.append(f"{row['mean']:.4g} ± {row['std']:.2g}")
-            tag = " (published)" if any(r.get("anchor") for r in rows if r["method"] == method) else ""
-            lines.append(f"| {method}{tag} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
+    return result(NAME, "python bench/movielens_100k.py" + (" --quick" if args.quick else ""), rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,11 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="ML-100K folder or zip (default: ../shared/data/ml-100k or download)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / f"{NAME}.json", result)
-    atomic_write_text(args.out / f"{NAME}.md", markdown(result))
-    print(markdown(result))
+    print(write(run(args), args.out))
 
 
 if __name__ == "__main__":

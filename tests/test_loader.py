@@ -211,3 +211,13 @@ def test_load_table_parquet(tmp_path: Path) -> None:
     pd.DataFrame({"user_id": [5, 6], "age": [20, 30]}).to_parquet(path)
     table = load_table(path, "user_id")
     assert table["user_id"].tolist() == [5, 6] and table["age"].tolist() == [20, 30]
+
+
+def test_click_flags_parse_and_a_bad_flag_names_row_and_column(tmp_path: Path) -> None:
+    cols = InteractionColumns(clicked="clk")
+    good = write(tmp_path / "good.csv", "user_id,item_id,clk\n1,10,1\n1,11,no\n2,10,True\n2,12,0\n")
+    frame = load_interactions(good, cols).frame
+    assert frame["clicked"].tolist() == [True, False, True, False]
+    bad = write(tmp_path / "bad.csv", "user_id,item_id,clk\n1,10,1\n1,11,maybe\n")
+    err = raises_at(bad, cols, row=2, line=3, column="clk")
+    assert "click flag" in str(err)

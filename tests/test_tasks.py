@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -148,3 +150,51 @@ def test_every_scheme_learns_the_planted_structure(scheme, tmp_path):
     retriever = Retriever.load(tmp_path)  # every scheme's state (samplers, miner) loads back strictly
     if "hard" in scheme:
         assert int(retriever.model.task.miner.last_refresh) > 0
+
+
+def test_impressed_not_clicked_negatives_from_a_clicked_column(tmp_path):
+    from twotower.data.synthetic import SyntheticWorld, WorldConfig
+
+    world = SyntheticWorld.generate(WorldConfig(num_users=200, num_items=100, seed=2))
+    clicks = world.sample_interactions().assign(clicked=1)
+    # Impressions: items the user was shown and skipped, the least liked ones (a known answer).
+    worst = world.affinity_matrix().argsort(axis=1)[:, :5]
+    shown = pd.DataFrame(
+        {
+            "user_id": np.repeat(np.arange(200), 5),
+            "item_id": worst.ravel(),
+            "timestamp": clicks.groupby("user_id")["timestamp"].min().repeat(5).to_numpy() - 1,
+            "rating": 1.0,
+            "clicked": 0,
+        }
+    )
+    log = pd.concat([clicks, shown]).sample(frac=1.0, random_state=0)
+    log["clicked"] = log["clicked"].map({1: "yes", 0: "no"})
+    path = tmp_path / "log.csv"
+    log.to_csv(path, index=False)
+    raw = tiny_config(epochs=2).model_dump()
+    raw["data"] = {
+        "source": "files",
+        "interactions": str(path),
+        "columns": {"timestamp": "timestamp", "clicked": "clicked"},
+    }
+    raw["features"] = {
+        "user": [{"type": "id", "name": "user_id"}],
+        "item": [{"type": "id", "name": "item_id"}],
+    }
+    raw["model"]["user_tower"]["layers"] = raw["model"]["item_tower"]["layers"] = []
+    raw["task"] = {"logq": "counts", "negatives": {"impressions": 3}}
+    cfg = parse_config(raw)
+    data = build_retrieval_data(cfg)
+    assert len(data.impressions) == 1000 and len(data.raw.interactions) == len(clicks)
+    imp_pairs = set(zip(data.impressions.user_idx.tolist(), data.impressions.item_idx.tolist(), strict=True))
+    model_dir = tmp_path / "run"
+    train_run(cfg, model_dir, progress=False, data=data)
+    task = Retriever.load(model_dir).model.task
+    drawn = task.impressions.sample({"user_idx": torch.arange(200)}, 4)
+    for user, items, valid in zip(range(200), drawn.ids.tolist(), drawn.mask.tolist(), strict=True):
+        assert all((user, item) in imp_pairs for item, ok in zip(items, valid, strict=True) if ok)
+    no_impressions = tiny_config().model_dump()
+    no_impressions["task"] = {"negatives": {"impressions": 2}}
+    with pytest.raises(ValueError, match="clicked"):
+        train_run(parse_config(no_impressions), tmp_path / "x", progress=False)

@@ -50,6 +50,9 @@ def build_model(config: RunConfig, data: RetrievalData) -> TwoTowerModel:
         data.train.user_idx,
         data.train.item_idx,
         seed=config.train.seed,
+        impressions=None
+        if data.impressions is None
+        else (data.impressions.user_idx, data.impressions.item_idx),
     )
     history = None
     if config.model.history.enabled:

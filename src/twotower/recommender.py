@@ -55,6 +55,11 @@ class Retriever:
         pairs = load_tensors(run_dir / "train_pairs.safetensors")
         num_users, num_items = len(meta["user_ids"]), len(meta["item_ids"])
         # Same modules as in training (their values come from the state dict below).
+        impressions = None
+        if "task.impressions.indptr" in tensors:  # rebuild the saved sampler's shape from its CSR
+            indptr = tensors["task.impressions.indptr"]
+            rows = torch.repeat_interleave(torch.arange(len(indptr) - 1), indptr.diff())
+            impressions = (rows, tensors["task.impressions.items"])
         task = build_task(
             config.task,
             config.model.temperature,
@@ -63,6 +68,7 @@ class Retriever:
             pairs["user_idx"],
             pairs["item_idx"],
             seed=config.train.seed,
+            impressions=impressions,
         )
         history = None
         if config.model.history.enabled:

@@ -34,7 +34,13 @@ from torch import Tensor, nn
 
 from twotower import losses
 from twotower.frequency import StreamingFrequencyEstimator
-from twotower.negatives import HardNegativeMiner, MixedSampler, PopularitySampler, UniformSampler
+from twotower.negatives import (
+    HardNegativeMiner,
+    ImpressionSampler,
+    MixedSampler,
+    PopularitySampler,
+    UniformSampler,
+)
 
 Objective = Literal["softmax", "pointwise_bce", "pointwise_mse", "hinge", "logistic"]
 
@@ -70,12 +76,15 @@ class NegativesConfig(_Strict):
     shared: bool = Field(True, description="one sampled set for the whole batch, or num_sampled per row")
     popularity_alpha: float = Field(0.75, ge=0, description="popularity sampler: q(i) ~ count(i)^alpha")
     hard: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
+    impressions: int = Field(
+        0, ge=0, description="impressed-not-clicked negatives per row (needs a clicked column in the data)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> NegativesConfig:
         if (self.sampler == "none") != (self.num_sampled == 0):
             raise ValueError("negatives.sampler and negatives.num_sampled go together (none with 0)")
-        if not self.in_batch and self.num_sampled == 0 and self.hard.num == 0:
+        if not self.in_batch and self.num_sampled == 0 and self.hard.num == 0 and self.impressions == 0:
             raise ValueError("no negatives: enable in_batch, a sampler, or hard negatives")
         return self
 
@@ -114,6 +123,8 @@ class RetrievalTask(nn.Module):
         miner: HardNegativeMiner | None = None,
         hard_num: int = 0,
         positives: tuple[Tensor, Tensor] | None = None,
+        impressions: ImpressionSampler | None = None,
+        impressions_num: int = 0,
         margin: float = 0.2,
         sigma: float = 1.0,
     ) -> None:
@@ -132,6 +143,9 @@ class RetrievalTask(nn.Module):
         self.sampler, self.num_sampled = sampler, num_sampled
         self.miner, self.hard_num = miner, hard_num
         self.margin, self.sigma = margin, sigma
+        if (impressions is None) != (impressions_num == 0):
+            raise ValueError("impression negatives need an impression sampler and impressions_num >= 1")
+        self.impressions, self.impressions_num = impressions, impressions_num
         # Training steps taken, for the hard-negative refresh schedule; a buffer so resuming continues it.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         if positives is not None:
@@ -220,17 +234,17 @@ class RetrievalTask(nn.Module):
                     torch.ones_like(row_ids, dtype=torch.bool),
                 )
             )
-        if self.hard_num:
-            hard = self.miner.sample(batch, self.hard_num)
-            emb = embed_items(hard.ids.reshape(-1)).view(*hard.ids.shape, -1)
-            parts.append(
-                (
-                    torch.einsum("bd,bnd->bn", query, emb),
-                    hard.ids,
-                    torch.zeros(hard.ids.shape, dtype=torch.float64, device=query.device),
-                    hard.mask,
-                )
-            )
+        # Hard and impressed-not-clicked negatives are chosen per user, not drawn from a known q:
+        # they carry no logQ correction.
+        for chooser, num in ((self.miner, self.hard_num), (self.impressions, self.impressions_num)):
+            if not num:
+                continue
+            if embed_items is None:
+                raise ValueError("per-user negatives need embed_items (the item tower)")
+            chosen = chooser.sample(batch, num)
+            emb = embed_items(chosen.ids.reshape(-1)).view(*chosen.ids.shape, -1)
+            no_q = torch.zeros(chosen.ids.shape, dtype=torch.float64, device=query.device)
+            parts.append((torch.einsum("bd,bnd->bn", query, emb), chosen.ids, no_q, chosen.mask))
         sims, ids, log_q, mask = (torch.cat([p[k] for p in parts], dim=1) for k in range(4))
         return sims, ids, log_q, mask, log_q_pos
 
@@ -296,6 +310,7 @@ def build_task(
     train_users: Tensor,
     train_items: Tensor,
     seed: int = 0,
+    impressions: tuple[Tensor, Tensor] | None = None,
 ) -> RetrievalTask:
     """The task a config describes, its estimators and samplers fitted on the training pairs."""
     from twotower.frequency import CountFrequency
@@ -319,8 +334,18 @@ def build_task(
         pool = min(neg.hard.pool, num_items)
         miner = HardNegativeMiner(num_users, num_items, pool, neg.hard.refresh_every, min(neg.hard.num, pool))
         positives = history_csr(train_users, train_items, num_users)
+    impression_sampler = None
+    if neg.impressions:
+        if impressions is None:
+            raise ValueError(
+                "task.negatives.impressions needs impressions: a 'clicked' column in the data "
+                "(data.columns.clicked) whose 0 rows are items shown without a click"
+            )
+        impression_sampler = ImpressionSampler.from_pairs(impressions[0], impressions[1], num_users)
     return RetrievalTask(
         temperature, config.remove_accidental_hits, frequency, objective=config.objective,
         in_batch=neg.in_batch, sampler=sampler, num_sampled=neg.num_sampled, shared=neg.shared,
-        miner=miner, hard_num=neg.hard.num, positives=positives, margin=config.margin, sigma=config.sigma,
+        miner=miner, hard_num=neg.hard.num, positives=positives,
+        impressions=impression_sampler, impressions_num=neg.impressions,
+        margin=config.margin, sigma=config.sigma,
     )  # fmt: skip

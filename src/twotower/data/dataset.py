@@ -37,6 +37,7 @@ class RawData:
     users: pd.DataFrame | None  # keyed by user_id
     items: pd.DataFrame | None  # keyed by item_id
     world: SyntheticWorld | None = None  # the known truth, when the data is synthetic
+    impressions: pd.DataFrame | None = None  # shown but not clicked (user_id, item_id[, timestamp])
 
 
 @dataclass
@@ -64,6 +65,7 @@ class RetrievalData:
     train: Interactions
     valid: Interactions | None
     test: Interactions
+    impressions: Interactions | None  # training-time impressions without a click
     items: pd.DataFrame | None  # item metadata (titles...) in raw-id form, for display
     raw: RawData
 
@@ -91,7 +93,13 @@ def load_raw(source: MovieLensSource | SyntheticSource | FileSource) -> RawData:
         users = users.rename(columns={source.user_key: USER})
     if items is not None:
         items = items.rename(columns={source.item_key: ITEM})
-    return RawData(loaded.frame, users, items)
+    frame, impressions = loaded.frame, None
+    if "clicked" in frame.columns:
+        # Clicks are the interactions; rows shown without a click become candidate negatives.
+        clicked = frame["clicked"].to_numpy(bool)
+        impressions = frame[~clicked].drop(columns="clicked").reset_index(drop=True)
+        frame = frame[clicked].drop(columns="clicked").reset_index(drop=True)
+    return RawData(frame, users, items, impressions=impressions)
 
 
 def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> RetrievalData:
@@ -103,8 +111,9 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
     if valid_df is None and config.train.valid_fraction > 0:
         train_df, valid_df = _holdout(train_df, config.train.valid_fraction, config.train.seed)
 
-    user_ids = _catalogue(raw.interactions[USER], raw.users)
-    item_ids = _catalogue(raw.interactions[ITEM], raw.items)
+    shown = raw.interactions if raw.impressions is None else pd.concat([raw.interactions, raw.impressions])
+    user_ids = _catalogue(shown[USER], raw.users)
+    item_ids = _catalogue(shown[ITEM], raw.items)
     user_frame = _entity_frame(USER, user_ids, raw.users)
     item_frame = _entity_frame(ITEM, item_ids, raw.items)
 
@@ -139,6 +148,7 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
         user_table=user_encoder.transform(user_frame),
         item_table=item_encoder.transform(item_frame),
         train=train,
+        impressions=_training_impressions(raw.impressions, test_df, user_pos, item_pos),
         valid=None if valid_df is None else _to_indices(valid_df, user_pos, item_pos),
         test=_to_indices(test_df, user_pos, item_pos),
         items=raw.items,
@@ -163,6 +173,19 @@ def iterate_batches(
         if data.history_end is not None:
             batch["history_end"] = data.history_end[idx]
         yield batch
+
+
+def _training_impressions(
+    impressions: pd.DataFrame | None, test_df: pd.DataFrame, users: pd.Index, items: pd.Index
+) -> Interactions | None:
+    """Impressions a model may learn from: with timestamps, those before the user's first test event."""
+    if impressions is None:
+        return None
+    if "timestamp" in impressions.columns and "timestamp" in test_df.columns and len(test_df):
+        first_test = test_df.groupby(USER)["timestamp"].min()
+        cutoff = impressions[USER].map(first_test)
+        impressions = impressions[cutoff.isna() | (impressions["timestamp"] < cutoff)]
+    return _to_indices(impressions, users, items)
 
 
 def _holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

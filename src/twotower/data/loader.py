@@ -57,6 +57,7 @@ class InteractionColumns(BaseModel):
     timestamp: str | None = None
     rating: str | None = None
     weight: str | None = None
+    clicked: str | None = None  # 1/0 (true/false, yes/no): rows with 0 are impressions without a click
     timestamp_format: str | None = None  # strftime format; None: Unix seconds or ISO-8601
 
 
@@ -279,6 +280,19 @@ def _timestamp_check(raw: pd.Series, fmt: str | None) -> tuple[np.ndarray, _Chec
     return seconds, (~ok, reason)
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "1.0"}, {"0", "false", "no", "0.0"}
+
+
+def _flag_check(raw: pd.Series) -> tuple[np.ndarray, _Check]:
+    text = raw.astype(str).str.strip().str.lower()
+    is_true, is_false = text.isin(_TRUE).to_numpy(), text.isin(_FALSE).to_numpy()
+
+    def reason(pos: int) -> str:
+        return f"not a click flag: {_py(raw.iloc[pos])!r} (expected 1/0, true/false or yes/no)"
+
+    return is_true, (~(is_true | is_false), reason)
+
+
 # --- public loaders -------------------------------------------------------------------------------
 
 
@@ -297,7 +311,7 @@ def load_interactions(
         raise ValueError(f"on_bad_rows must be 'raise' or 'skip', got {on_bad_rows!r}")
     cols = columns or InteractionColumns()
     wanted = {"user_id": cols.user, "item_id": cols.item, "timestamp": cols.timestamp}
-    wanted |= {"rating": cols.rating, "weight": cols.weight}
+    wanted |= {"rating": cols.rating, "weight": cols.weight, "clicked": cols.clicked}
     wanted = {canon: src for canon, src in wanted.items() if src is not None}
     raw = _read(path, sep, list(wanted.values()), dtype=str, default_na=False)
     text = raw.sep is not None
@@ -311,6 +325,8 @@ def load_interactions(
             check = _id_check(series, canon.replace("_", " "))
         elif canon == "timestamp":
             values[canon], check = _timestamp_check(series, cols.timestamp_format)
+        elif canon == "clicked":
+            values[canon], check = _flag_check(series)
         else:
             values[canon], check = _number_check(series, canon, non_negative=canon == "weight")
         checks.append((src, check))
@@ -334,6 +350,8 @@ def load_interactions(
         column = values[canon][keep]
         if canon in ("user_id", "item_id"):
             frame[canon] = _normalise_ids(column.reset_index(drop=True), text).to_numpy()
+        elif canon == "clicked":
+            frame[canon] = np.asarray(column, dtype=bool)
         else:
             frame[canon] = np.asarray(column, dtype=np.int64 if canon == "timestamp" else np.float64)
     skipped = len(raw.malformed) + len(positions)
