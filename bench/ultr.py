@@ -1,0 +1,221 @@
+"""Unbiased learning to rank: every method x click model, the confounding sweep, the recovered curves.
+
+    python bench/ultr.py                       # all parts, 3 seeds (about 45 minutes on 2 cores)
+    python bench/ultr.py --quick               # 1 seed, 1 epoch, small world, a few methods (under a minute)
+    python bench/ultr.py --parts sweep         # one part: main | sweep
+    python bench/ultr.py --letor PATH          # also a LETOR file (e.g. MSLR-WEB10K Fold1/train.txt)
+
+Parts (bench-format.md rows; `protocol` = click model / logging policy):
+
+a. main: every method in twotower.ultr.METHODS x {position-based (pbm), cascade} on the synthetic world
+   (2000 users x 40 candidates each, two devices) and on MovieLens 100K (users as queries, rated movies
+   as documents, rating - 1 as the label), logged by a linear production ranker fitted on 1 % of the
+   training queries' true labels (the ULTRA protocol), top 10 shown, 10 sessions per query, 5 % RandTop-N
+   sessions, clicks redrawn every epoch. Metrics against the TRUE labels of held-out queries (20 %).
+b. sweep: synthetic world, pbm, logging score w * y + (1 - w) * U(0, 4) for w in {0, .25, .5, .75, 1}.
+c. curves: the examination curve learned by each two-tower method under pbm (synthetic world, mean over
+   seeds) against the simulator's, per device, relative to rank 1 (from part a's runs).
+
+Writes bench/results/ultr.json, ultr.md, ultr_sweep.png and ultr_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common import DEFAULT_ML100K, RESULTS, measured_rows, result, write  # noqa: E402
+from twotower.data.click_log import logging_scores, simulate_click_log  # noqa: E402
+from twotower.data.click_models import ClickModel  # noqa: E402
+from twotower.data.letor import read_letor  # noqa: E402
+from twotower.data.ltr import RankingData, from_letor, from_movielens, from_synthetic_world  # noqa: E402
+from twotower.data.movielens import load_movielens  # noqa: E402
+from twotower.data.synthetic import SyntheticWorld, WorldConfig  # noqa: E402
+from twotower.storage import read_json  # noqa: E402
+from twotower.ultr import METHODS, UltrConfig, evaluate_ranker, train_ranker  # noqa: E402
+
+NAME = "ultr"
+METRICS = ("ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "mrr@10", "curve_max_abs_error", "click_loglik",
+           "click_auc", "seconds")  # fmt: skip
+SWEEP_W = (0.0, 0.25, 0.5, 0.75, 1.0)
+SWEEP_METHODS = (
+    "two-tower-additive",
+    "two-tower-additive+position-dropout",
+    "two-tower-additive+bias-dropout",
+    "ipw-true",
+    "naive",
+)
+QUICK_METHODS = ("naive", "two-tower-pal", "two-tower-additive+bias-dropout", "oracle")
+
+
+def datasets(args: argparse.Namespace, only: list[str] | None = None) -> dict[str, RankingData]:
+    names = only or args.datasets
+    out: dict[str, RankingData] = {}
+    if "synthetic" in names:
+        world = SyntheticWorld.generate(
+            WorldConfig(num_users=300 if args.quick else 2000, num_items=1000, seed=0)
+        )
+        out["synthetic"] = from_synthetic_world(world, candidates=40)
+    if "ml-100k" in names and not args.quick:
+        path = args.ml100k or (DEFAULT_ML100K if DEFAULT_ML100K.exists() else None)
+        out["ml-100k"] = from_movielens(load_movielens("ml-100k", path=path))
+    if args.letor and only is None:
+        out[Path(args.letor).name] = from_letor(read_letor(args.letor))
+    return out
+
+
+def run_cell(data: RankingData, config: UltrConfig, methods, seeds, label: str) -> tuple[dict, dict]:
+    """Every method on one (data, simulation) cell: per-method metric lists and learned curves."""
+    values = {m: {k: [] for k in METRICS} for m in methods}
+    curves: dict[str, list[dict]] = {m: [] for m in methods}
+    for seed in seeds:
+        train, test = data.split(0.2, seed)
+        mean, std = train.feature_stats()
+        train, test = train.standardized(mean, std), test.standardized(mean, std)
+        sim = config.simulation
+        log = simulate_click_log(train, logging_scores(train, sim.logging, seed), sim, seed)
+        test_log = simulate_click_log(test, logging_scores(test, sim.logging, seed + 100), sim, seed + 100,
+                                      sessions_per_query=config.test_sessions_per_query)  # fmt: skip
+        truth = ClickModel(sim.click_model, data.max_label, sim.top_n).curves
+        truth = truth if sim.click_model.model == "pbm" else None
+        for method in methods:
+            start = time.perf_counter()
+            model = train_ranker(method, train, log, config, seed)
+            metrics, learned = evaluate_ranker(model, test, test_log, truth)
+            metrics["seconds"] = time.perf_counter() - start
+            for k in METRICS:
+                if k in metrics:
+                    values[method][k].append(float(metrics[k]))
+            curves[method].append(learned)
+            err = metrics.get("curve_max_abs_error", float("nan"))
+            print(f"{label} | {method} | seed {seed}: ndcg@10={metrics['ndcg@10']:.4f} curve_err={err:.3f} "
+                  f"({metrics['seconds']:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    return {m: {k: v for k, v in vals.items() if v} for m, vals in values.items()}, curves
+
+
+def config_for(args: argparse.Namespace, click: str, logging: dict) -> UltrConfig:
+    train = {"epochs": 1 if args.quick else args.epochs, "batch_size": 256, "lr": 3e-3}
+    return UltrConfig.model_validate(
+        {"simulation": {"click_model": {"model": click}, "logging": logging}, "train": train}
+    )
+
+
+def merge(out: Path, command: str, new_rows: list[dict]) -> dict:
+    path = out / f"{NAME}.json"
+    done = {(r["dataset"], r["protocol"], r["method"]) for r in new_rows}
+    old = read_json(path)["rows"] if path.exists() else []
+    return result(
+        NAME, command, [r for r in old if (r["dataset"], r["protocol"], r["method"]) not in done] + new_rows
+    )
+
+
+def save(args, command: str, rows: list[dict]) -> str:
+    res = result(NAME + "_quick", command, rows) if args.quick else merge(Path(args.out), command, rows)
+    return write(res, Path(args.out))
+
+
+def plot_sweep(sweep: dict[str, dict[float, list[float]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, by_w in sweep.items():
+        ws = sorted(by_w)
+        means = [statistics.fmean(by_w[w]) for w in ws]
+        stds = [statistics.stdev(by_w[w]) if len(by_w[w]) > 1 else 0.0 for w in ws]
+        ax.errorbar(ws, means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xlabel("logging policy strength w  (score = w·y + (1−w)·U(0, 4))")
+    ax.set_ylabel("nDCG@10 vs true labels (held-out queries)")
+    ax.set_title("Confounding sweep: synthetic world, position-based clicks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict[str, list[dict]], truth: np.ndarray, devices: list[str], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(devices), figsize=(5.5 * len(devices), 4.2), squeeze=False)
+    ranks = np.arange(1, truth.shape[1] + 1)
+    for d, (ax, device) in enumerate(zip(axes[0], devices, strict=True)):
+        ax.plot(ranks, truth[d] / truth[d, 0], "k-", lw=3, alpha=0.35, label="simulator (truth)")
+        for method, runs in curves.items():
+            learned = np.mean([run[device] for run in runs if run], axis=0)
+            ax.plot(ranks, learned, marker=".", label=method)
+        ax.set_title(f"examination relative to rank 1: {device}")
+        ax.set_xlabel("rank")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("P(examined | rank) / P(examined | rank 1)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--parts", nargs="+", default=["main", "sweep"], choices=["main", "sweep"])
+    parser.add_argument("--datasets", nargs="+", default=["synthetic", "ml-100k"])
+    parser.add_argument(
+        "--clicks", nargs="+", default=["pbm", "cascade"], choices=["pbm", "cascade", "trust"]
+    )
+    parser.add_argument("--methods", nargs="+", default=None, help="default: all (a few with --quick)")
+    parser.add_argument(
+        "--ml100k", help="ML-100K folder or zip (default: ../shared/data/ml-100k or download)"
+    )
+    parser.add_argument("--letor", help="a LETOR/svmlight file to add as a data set")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    seeds = [0] if args.quick else list(range(args.seeds))
+    methods = args.methods or (QUICK_METHODS if args.quick else tuple(METHODS))
+    command = "python bench/ultr.py" + (" --quick" if args.quick else "")
+    out = Path(args.out)
+    stem = NAME + ("_quick" if args.quick else "")
+    text = ""
+    if "main" in args.parts:
+        for name, data in datasets(args).items():
+            for click in args.clicks:
+                config = config_for(args, click, {"kind": "production", "label_share": 0.01})
+                values, curves = run_cell(data, config, methods, seeds, f"{name} {click}")
+                rows = []
+                for method, vals in values.items():
+                    base = {"dataset": name, "protocol": f"{click}/production-1%", "method": method}
+                    rows += measured_rows(base, vals, seeds)
+                text = save(args, command, rows)
+                two_tower = {m: c for m, c in curves.items() if m.startswith("two-tower")}
+                if name == "synthetic" and click == "pbm" and two_tower:
+                    sim = config.simulation
+                    truth = ClickModel(sim.click_model, data.max_label, sim.top_n)
+                    plot_curves(two_tower, truth.curves, truth.device_names, out / f"{stem}_curves.png")
+    if "sweep" in args.parts:
+        data = datasets(args, only=["synthetic"])["synthetic"]
+        sweep_methods = [m for m in SWEEP_METHODS if m in methods] if args.methods else list(SWEEP_METHODS)
+        sweep: dict[str, dict[float, list[float]]] = {m: {} for m in sweep_methods}
+        rows = []
+        for w in SWEEP_W:
+            config = config_for(args, "pbm", {"kind": "mixture", "w": w})
+            values, _ = run_cell(data, config, sweep_methods, seeds, f"sweep w={w}")
+            for method, vals in values.items():
+                sweep[method][w] = vals["ndcg@10"]
+                base = {"dataset": "synthetic", "protocol": f"pbm/mixture-w{w:g}", "method": method}
+                rows += measured_rows(base, vals, seeds)
+            text = save(args, command, rows)
+        plot_sweep(sweep, out / f"{stem}_sweep.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

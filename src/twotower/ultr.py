@@ -1,0 +1,230 @@
+"""Unbiased learning to rank end to end: simulate a click log, train a method, evaluate against the truth.
+
+Every method is a :class:`~twotower.ranking.DebiasedRanker` configuration (:data:`METHODS`), trained by
+the common fit loop on the same logged sessions:
+
+    naive                         relevance tower on clicks, position ignored
+    position-feature              position one-hot inside the relevance tower, ranked at position 1
+    ipw-true / ipw-estimated      listwise IPW with the simulator's examination probabilities / with
+                                  the curve estimated from the RandTop-N sessions
+    two-tower-{pal,additive}[+position-dropout|+bias-dropout]
+    oracle                        relevance tower on the true p(relevant | y) of the same shown slots
+
+Evaluation (:func:`evaluate_ranker`), all on held-out queries:
+
+* nDCG@{1,3,5,10} and MRR@10 of the relevance tower over all documents of each query, against the
+  TRUE labels;
+* the learned examination curve per device relative to rank 1 - the expected click rate of the same
+  held-out shown documents placed at rank k over placed at rank 1, which for PAL is exactly
+  ``sigmoid(b_k) / sigmoid(b_1)`` - against the simulator's ``theta(k) / theta(1)``, and its largest
+  absolute error over ranks (position-based model only: elsewhere examination is not a per-rank constant);
+* click log-likelihood and AUC on held-out sessions, for the methods that model clicks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from twotower.config import TrainConfig
+from twotower.data.click_log import ClickLog, SimulationConfig, estimate_propensities
+from twotower.data.click_models import ClickModel, relevance_click_probability
+from twotower.data.ltr import RankingData
+from twotower.ranking import DebiasedRanker, RankerConfig
+from twotower.ranking_metrics import click_log_likelihood, ranking_metrics, roc_auc
+from twotower.train import fit
+
+__all__ = ["METHODS", "UltrConfig", "UltrResult", "evaluate_ranker", "session_batches", "train_ranker"]
+
+_PAL, _ADD = {"combination": "pal"}, {"combination": "additive"}
+METHODS: dict[str, dict] = {
+    "naive": {"combination": "none"},
+    "position-feature": {"combination": "none", "position_feature": True},
+    "ipw-true": {"combination": "none", "loss": "ipw"},
+    "ipw-estimated": {"combination": "none", "loss": "ipw"},
+    "two-tower-pal": _PAL,
+    "two-tower-pal+position-dropout": {**_PAL, "position_dropout": 0.1},
+    "two-tower-pal+bias-dropout": {**_PAL, "bias_dropout": 0.5},
+    "two-tower-additive": _ADD,
+    "two-tower-additive+position-dropout": {**_ADD, "position_dropout": 0.1},
+    "two-tower-additive+bias-dropout": {**_ADD, "bias_dropout": 0.5},
+    "oracle": {"combination": "none", "loss": "oracle"},
+}
+
+
+class UltrConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    ranker: dict = Field(default_factory=dict, description="RankerConfig fields shared by every method")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=8, batch_size=256, lr=3e-3))
+    test_share: float = Field(0.2, gt=0.0, lt=1.0)
+    test_sessions_per_query: int = Field(2, ge=1)
+    fresh_clicks: bool = Field(
+        True, description="redraw the training clicks every epoch (ULTRA: clicks simulated per batch)"
+    )
+
+
+@dataclass
+class UltrResult:
+    method: str
+    metrics: dict[str, float]
+    curves: dict[str, list[float]] = field(default_factory=dict)  # device -> learned relative curve
+    seconds: float = 0.0
+
+
+def method_config(method: str, shared: dict | None = None) -> RankerConfig:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    return RankerConfig.model_validate({**(shared or {}), **METHODS[method]})
+
+
+def _tensors(
+    data: RankingData, log: ClickLog, propensity: np.ndarray | None, epsilon: float
+) -> dict[str, Tensor]:
+    """Every session of ``log`` as tensors (document features are gathered per batch)."""
+    n = log.docs.shape[1]
+    out = {
+        "docs": torch.from_numpy(np.maximum(log.docs, 0)),
+        "mask": torch.from_numpy(log.mask),
+        "position": torch.arange(1, n + 1).expand(log.num_sessions, n).contiguous(),
+        "device": torch.from_numpy(log.device),
+        "clicks": torch.from_numpy(log.clicks.astype(np.float32)),
+        "target": torch.from_numpy(
+            relevance_click_probability(log.labels, data.max_label, epsilon).astype(np.float32)
+        ),
+    }
+    if propensity is not None:
+        out["propensity"] = torch.from_numpy(np.where(log.mask, propensity, 1.0).astype(np.float32))
+    return out
+
+
+def _gather(data_t: dict[str, Tensor], sessions: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+    batch = {k: v[index] for k, v in sessions.items()}
+    docs = batch.pop("docs")
+    batch["features"] = data_t["features"][docs]
+    if "item" in data_t:
+        batch["item"] = data_t["item"][docs]
+    return batch
+
+
+def _data_tensors(data: RankingData) -> dict[str, Tensor]:
+    out = {"features": torch.from_numpy(data.features)}
+    if data.item_index is not None:
+        out["item"] = torch.from_numpy(data.item_index)
+    return out
+
+
+def session_batches(data: RankingData, log: ClickLog, propensity: np.ndarray | None, batch_size: int,
+                    seed: int, epsilon: float = 0.1, click_model: ClickModel | None = None):  # fmt: skip
+    """A ``batches(epoch)`` callable for :func:`twotower.train.fit`: shuffled session batches.
+
+    With ``click_model`` every epoch after the first sees clicks redrawn for the same shown lists
+    (seeded by epoch), as ULTRA simulates clicks per batch; the first epoch uses the logged ones.
+    """
+    data_t, sessions = _data_tensors(data), _tensors(data, log, propensity, epsilon)
+
+    def batches(epoch: int):
+        if click_model is not None and epoch > 1:
+            rng = np.random.default_rng([seed, epoch, 32])
+            sessions["clicks"] = torch.from_numpy(click_model.simulate(log.labels, log.device, rng))
+        order = torch.from_numpy(np.random.default_rng([seed, epoch, 31]).permutation(log.num_sessions))
+        for start in range(0, len(order), batch_size):
+            yield _gather(data_t, sessions, order[start : start + batch_size])
+
+    return batches
+
+
+def _propensity(method: str, log: ClickLog) -> np.ndarray | None:
+    if method == "ipw-true":
+        return log.examination
+    if method == "ipw-estimated":
+        curves = estimate_propensities(log)
+        return curves[log.device][:, : log.docs.shape[1]]
+    return None
+
+
+def train_ranker(
+    method: str, train: RankingData, log: ClickLog, config: UltrConfig, seed: int, progress: bool = False,
+    run_dir: Path | None = None,
+) -> DebiasedRanker:  # fmt: skip
+    """Train one method on the logged sessions of the training queries."""
+    torch.manual_seed(seed)
+    ranker_config = method_config(method, config.ranker)
+    model = DebiasedRanker(
+        train.num_features,
+        train.num_items,
+        log.docs.shape[1],
+        {"device": len(log.device_names)},
+        ranker_config,
+    )
+    sim = config.simulation
+    fresh = config.fresh_clicks and log.simulated  # a real log's clicks are what they are
+    click_model = ClickModel(sim.click_model, train.max_label, sim.top_n) if fresh else None
+    batches = session_batches(train, log, _propensity(method, log), config.train.batch_size, seed,
+                              sim.click_model.epsilon, click_model)  # fmt: skip
+    train_config = config.train.model_copy(update={"seed": seed})
+    if run_dir is not None:
+        fit(model, batches, train_config, run_dir, progress=progress)
+    else:
+        with tempfile.TemporaryDirectory(prefix="twotower-ultr-") as tmp:
+            fit(model, batches, train_config, Path(tmp), progress=progress)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def _session_outputs(model: DebiasedRanker, data: RankingData, log: ClickLog) -> dict[str, Tensor]:
+    batch = _gather(_data_tensors(data), _tensors(data, log, None, 0.1), torch.arange(log.num_sessions))
+    out = {"batch": batch, "relevance": model.relevance_logit(batch)}
+    if model.bias is not None:
+        out["bias"] = model.bias_logit(batch)
+    return out
+
+
+@torch.no_grad()
+def learned_curves(model: DebiasedRanker, test: RankingData, log: ClickLog) -> np.ndarray:
+    """[devices, N]: expected click rate of the held-out shown documents at rank k over at rank 1."""
+    n, n_dev = log.docs.shape[1], len(log.device_names)
+    r = _session_outputs(model, test, log)["relevance"][torch.from_numpy(log.mask)]
+    out = np.empty((n_dev, n))
+    for d in range(n_dev):
+        ctx = {"device": torch.full((1,), d, dtype=torch.long)}
+        b = model.bias(torch.arange(1, n + 1).unsqueeze(0), ctx).squeeze(0)  # [N]
+        if model.config.combination == "pal":
+            ctr = torch.sigmoid(r).mean() * torch.sigmoid(b)
+        else:
+            ctr = torch.sigmoid(r.unsqueeze(1) + b.unsqueeze(0)).mean(0)
+        out[d] = (ctr / ctr[0]).numpy()
+    return out
+
+
+@torch.no_grad()
+def evaluate_ranker(
+    model: DebiasedRanker, test: RankingData, test_log: ClickLog, true_curves: np.ndarray | None
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Metrics against the truth (see the module doc) and the learned curves per device."""
+    model.eval()
+    item = torch.from_numpy(test.item_index) if test.item_index is not None else None
+    scores = model.score(torch.from_numpy(test.features), item).numpy()
+    metrics = ranking_metrics(scores, test.labels, test.query_offsets, ks=(1, 3, 5, 10))
+    curves: dict[str, list[float]] = {}
+    if model.bias is not None:
+        learned = learned_curves(model, test, test_log)
+        curves = {name: learned[d].tolist() for d, name in enumerate(test_log.device_names)}
+        if true_curves is not None:
+            truth = true_curves[:, : learned.shape[1]] / true_curves[:, :1]
+            metrics["curve_max_abs_error"] = float(np.abs(learned - truth).max())
+    if model.config.loss == "clicks":
+        outputs = _session_outputs(model, test, test_log)
+        probs = model.click_probability(outputs["batch"]).numpy()
+        mask = test_log.mask
+        metrics["click_loglik"] = click_log_likelihood(probs[mask], test_log.clicks[mask])
+        metrics["click_auc"] = roc_auc(probs[mask], test_log.clicks[mask])
+    return metrics, curves

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from twotower.data.click_log import (
+    LoggingPolicyConfig,
+    SimulationConfig,
+    _top_n,
+    estimate_propensities,
+    logging_scores,
+    simulate_click_log,
+)
+from twotower.data.click_models import ClickModel
+from twotower.data.ltr import RankingData
+
+
+def _planted(num_queries=300, per_query=12, seed=0) -> RankingData:
+    """Label = a noisy linear function of feature 0, so a linear ranker can learn it."""
+    rng = np.random.default_rng(seed)
+    d = num_queries * per_query
+    x = rng.normal(size=(d, 3)).astype(np.float32)
+    labels = np.clip(np.round(2 + 1.5 * x[:, 0] + 0.3 * rng.normal(size=d)), 0, 4).astype(np.int64)
+    offsets = np.arange(0, d + 1, per_query, dtype=np.int64)
+    return RankingData("planted", x, labels, offsets, 4, ["a", "b", "c"])
+
+
+def test_top_n_by_hand_with_short_queries():
+    data = RankingData(
+        "t", np.zeros((5, 1), np.float32), np.zeros(5, np.int64), np.array([0, 3, 5]), 4, ["x"]
+    )
+    scores = np.array([0.1, 0.9, 0.5, 0.2, 0.3])
+    # Query 0: rows 1 (.9), 2 (.5), 0 (.1); query 1: rows 4 (.3), 3 (.2), then padding.
+    assert _top_n(data, scores, 3).tolist() == [[1, 2, 0], [4, 3, -1]]
+    assert _top_n(data, scores, 4).tolist() == [[1, 2, 0, -1], [4, 3, -1, -1]]
+
+
+def test_mixture_policy_controls_confounding():
+    data = _planted()
+    exact = logging_scores(data, LoggingPolicyConfig(kind="mixture", w=1.0), seed=0)
+    assert exact == pytest.approx(data.labels.astype(float))
+    noise = logging_scores(data, LoggingPolicyConfig(kind="mixture", w=0.0), seed=0)
+    assert noise.min() >= 0 and noise.max() <= 4
+    assert abs(np.corrcoef(noise, data.labels)[0, 1]) < 0.06
+    half = logging_scores(data, LoggingPolicyConfig(kind="mixture", w=0.5), seed=0)
+    assert 0.3 < np.corrcoef(half, data.labels)[0, 1] < 0.95
+
+
+def test_production_policy_learns_from_a_few_labelled_queries():
+    data = _planted()
+    scores = logging_scores(data, LoggingPolicyConfig(kind="production", label_share=0.02), seed=0)
+    assert np.corrcoef(scores, data.labels)[0, 1] > 0.9  # 6 labelled queries suffice for a linear truth
+
+
+def test_simulated_log_shows_the_policy_top_n_and_randomises_a_share():
+    data = _planted(num_queries=200)
+    cfg = SimulationConfig(top_n=5, sessions_per_query=20, intervention_share=0.25)
+    scores = logging_scores(data, cfg.logging, seed=0)
+    log = simulate_click_log(data, scores, cfg, seed=1)
+    assert log.num_sessions == 4000 and log.docs.shape == (4000, 5)
+    top = _top_n(data, scores, 5)
+    plain = ~log.randomized
+    assert (log.docs[plain] == top[log.query[plain]]).all()
+    assert log.randomized.mean() == pytest.approx(0.25, abs=0.03)
+    shuffled = log.docs[log.randomized]
+    assert (np.sort(shuffled, axis=1) == np.sort(top[log.query[log.randomized]], axis=1)).all()
+    assert (shuffled != top[log.query[log.randomized]]).any()
+    assert (log.labels == data.labels[log.docs]).all()
+    model = ClickModel(cfg.click_model, 4, 5)
+    assert log.examination == pytest.approx(model.examination(log.labels, log.device))
+    again = simulate_click_log(data, scores, cfg, seed=1)
+    assert np.array_equal(again.clicks, log.clicks)  # deterministic given the seed
+
+
+def test_randomised_sessions_estimate_the_examination_curve():
+    data = _planted(num_queries=400)
+    cfg = SimulationConfig(sessions_per_query=250, intervention_share=0.5)
+    log = simulate_click_log(data, logging_scores(data, cfg.logging, seed=0), cfg, seed=2)
+    estimated = estimate_propensities(log)
+    model = ClickModel(cfg.click_model, 4, cfg.top_n)
+    truth = model.curves / model.curves[:, :1]
+    assert estimated == pytest.approx(truth, abs=0.03)
+    with pytest.raises(ValueError, match="randomised sessions"):
+        estimate_propensities(log.take(np.flatnonzero(~log.randomized)))

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from twotower.data.ltr import RankingData, from_movielens, from_synthetic_world
+from twotower.data.synthetic import SyntheticWorld, WorldConfig
+
+
+def _small() -> RankingData:
+    features = np.arange(12, dtype=np.float32).reshape(6, 2)
+    return RankingData("t", features, np.array([0, 1, 2, 0, 4, 3]), np.array([0, 2, 3, 6]), 4, ["a", "b"],
+                       item_index=np.array([5, 6, 7, 5, 8, 9]), num_items=10)  # fmt: skip
+
+
+def test_ranking_data_checks_its_shapes():
+    with pytest.raises(ValueError, match="disagree"):
+        RankingData("t", np.zeros((3, 1), np.float32), np.zeros(3, np.int64), np.array([0, 2]), 4, ["x"])
+    with pytest.raises(ValueError, match="at least one document"):
+        RankingData("t", np.zeros((2, 1), np.float32), np.zeros(2, np.int64), np.array([0, 2, 2]), 4, ["x"])
+    with pytest.raises(ValueError, match="labels must lie"):
+        RankingData("t", np.zeros((2, 1), np.float32), np.array([0, 5]), np.array([0, 2]), 4, ["x"])
+
+
+def test_subset_split_and_standardisation():
+    data = _small()
+    assert data.doc_query.tolist() == [0, 0, 1, 2, 2, 2]
+    sub = data.subset(np.array([2, 0]))
+    assert sub.labels.tolist() == [0, 4, 3, 0, 1]
+    assert sub.query_offsets.tolist() == [0, 3, 5]
+    assert sub.item_index.tolist() == [5, 8, 9, 5, 6]
+    train, test = data.split(test_share=1 / 3, seed=0)
+    assert train.num_queries == 2 and test.num_queries == 1
+    assert sorted(train.labels.tolist() + test.labels.tolist()) == sorted(data.labels.tolist())
+    mean, std = train.feature_stats()
+    scaled = test.standardized(mean, std)
+    assert scaled.features == pytest.approx((test.features - mean) / std)
+    # A constant feature keeps std 1 (no division by zero).
+    const = RankingData("c", np.ones((2, 1), np.float32), np.array([0, 1]), np.array([0, 2]), 1, ["k"])
+    assert const.feature_stats()[1].tolist() == [1.0]
+
+
+def test_synthetic_world_queries_follow_the_truth():
+    world = SyntheticWorld.generate(WorldConfig(num_users=200, num_items=150, seed=4))
+    data = from_synthetic_world(world, candidates=20)
+    assert data.num_queries == 200 and data.query_offsets[-1] == 4000
+    assert data.features.shape == (4000, len(data.feature_names))
+    shares = np.bincount(data.labels, minlength=5) / len(data.labels)
+    assert shares == pytest.approx([0.50, 0.25, 0.15, 0.07, 0.03], abs=0.002)
+    truth = world.affinity(data.doc_query, data.item_index)
+    # Labels are cuts of the true logit: a higher label never has a lower logit.
+    for y in range(4):
+        assert truth[data.labels == y].max() <= truth[data.labels == y + 1].min()
+    for q in range(3):  # distinct candidates per query
+        docs = data.item_index[data.query_offsets[q] : data.query_offsets[q + 1]]
+        assert len(set(docs.tolist())) == 20
+    segment = np.array([int(s[1:]) for s in world.users["segment"]])[data.doc_query]
+    one_hot = data.features[:, : world.config.num_segments]
+    assert (one_hot.argmax(axis=1) == segment).all()
+    with pytest.raises(ValueError, match="exceeds the catalogue"):
+        from_synthetic_world(world, candidates=151)
+
+
+def test_movielens_users_are_queries_and_ratings_are_labels(ml100k):
+    from twotower.data.movielens import load_movielens
+
+    raw = load_movielens("ml-100k", path=ml100k)
+    data = from_movielens(raw)
+    assert data.num_queries == 943 and len(data.labels) == 100_000
+    assert (
+        np.bincount(data.labels).tolist() == np.bincount(raw.interactions["rating"].astype(int) - 1).tolist()
+    )
+    assert data.num_items == 1682 and data.max_label == 4
+    assert not np.isnan(data.features).any()
+    sizes = np.diff(data.query_offsets)
+    assert sizes.min() >= 20  # every ML-100K user rated at least 20 movies

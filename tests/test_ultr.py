@@ -1,0 +1,139 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from twotower.data.click_log import simulate_click_log
+from twotower.data.click_models import ClickModel
+from twotower.data.ltr import RankingData
+from twotower.ultr import METHODS, UltrConfig, evaluate_ranker, method_config, session_batches, train_ranker
+
+
+def _planted(num_queries: int, seed: int) -> RankingData:
+    """Relevance lives in feature 0; feature 1 is irrelevant (the misleading logging policy uses it)."""
+    rng = np.random.default_rng(seed)
+    per_query = 8
+    d = num_queries * per_query
+    x = rng.normal(size=(d, 2)).astype(np.float32)
+    labels = np.clip(np.round(1.5 + 1.2 * x[:, 0]), 0, 4).astype(np.int64)
+    return RankingData("planted", x, labels, np.arange(0, d + 1, per_query), 4, ["rel", "noise"])
+
+
+def _config(**sim) -> UltrConfig:
+    return UltrConfig.model_validate(
+        {
+            "simulation": {"top_n": 5, "sessions_per_query": 12, "intervention_share": 0.2,
+                           "click_model": {"devices": {"desktop": {}, "mobile": {"eta": 2.0}}}, **sim},
+            "ranker": {"layers": [16], "dropout": 0.0, "item_embedding_dim": 0},
+            "train": {"epochs": 10, "batch_size": 128, "lr": 0.02},
+        }
+    )  # fmt: skip
+
+
+def _logged(policy: str):
+    train, test = _planted(600, seed=0), _planted(150, seed=1)
+    cfg = _config()
+    if policy == "random":  # position alone drives the click rate
+        scores = [np.random.default_rng(s).random(len(d.labels)) for s, d in ((5, train), (6, test))]
+    else:  # ranked by the irrelevant feature: the naive model learns to like it
+        scores = [d.features[:, 1].astype(float) for d in (train, test)]
+    log = simulate_click_log(train, scores[0], cfg.simulation, seed=0)
+    test_log = simulate_click_log(test, scores[1], cfg.simulation, seed=1, sessions_per_query=2)
+    truth = ClickModel(cfg.simulation.click_model, 4, 5).curves
+    return train, test, log, test_log, cfg, truth
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return _logged("misleading")
+
+
+def test_the_bias_tower_recovers_the_planted_curve():
+    train, test, log, test_log, cfg, truth = _logged("random")
+    model = train_ranker("two-tower-pal", train, log, cfg, seed=0)
+    metrics, curves = evaluate_ranker(model, test, test_log, truth)
+    assert set(curves) == {"desktop", "mobile"}
+    assert metrics["curve_max_abs_error"] < 0.05, curves
+    assert curves["desktop"][0] == pytest.approx(1.0)
+
+
+def test_two_towers_beat_naive_under_a_misleading_logging_policy(planted):
+    train, test, log, test_log, cfg, truth = planted
+    model = train_ranker("two-tower-pal", train, log, cfg, seed=0)
+    metrics, _ = evaluate_ranker(model, test, test_log, truth)
+    naive = train_ranker("naive", train, log, cfg, seed=0)
+    naive_metrics, naive_curves = evaluate_ranker(naive, test, test_log, truth)
+    assert naive_curves == {}
+    # Debiasing pays: the naive model learnt the logging policy's feature.
+    assert metrics["ndcg@10"] > naive_metrics["ndcg@10"] + 0.02
+    x = torch.from_numpy(test.features)
+    leak = [np.corrcoef(m.score(x).numpy(), test.features[:, 1])[0, 1] for m in (model, naive)]
+    assert leak[1] > leak[0] + 0.2, leak
+    assert metrics["click_loglik"] > naive_metrics["click_loglik"]
+    assert 0.5 < metrics["click_auc"] <= 1.0
+
+
+def test_every_method_trains_and_evaluates(planted):
+    train, test, log, test_log, cfg, truth = planted
+    quick = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    for method in METHODS:
+        model = train_ranker(method, train, log, quick, seed=0)
+        metrics, _ = evaluate_ranker(model, test, test_log, truth)
+        assert set(metrics) >= {"ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "mrr@10"}, method
+        assert ("click_loglik" in metrics) == (method_config(method).loss == "clicks"), method
+        assert ("curve_max_abs_error" in metrics) == method.startswith("two-tower"), method
+    with pytest.raises(ValueError, match="unknown method"):
+        method_config("two-tower")
+
+
+def test_fresh_clicks_are_redrawn_after_the_first_epoch(planted):
+    train, _, log, _, cfg, _ = planted
+    model = ClickModel(cfg.simulation.click_model, 4, 5)
+    batches = session_batches(train, log, None, batch_size=10_000, seed=0, click_model=model)
+    first = next(iter(batches(1)))
+    second = next(iter(batches(2)))
+    order1 = np.random.default_rng([0, 1, 31]).permutation(log.num_sessions)
+    assert torch.equal(first["clicks"], torch.from_numpy(log.clicks[order1]))
+    assert not torch.equal(second["clicks"].sum(), first["clicks"].sum()) or not torch.equal(
+        second["clicks"], first["clicks"]
+    )
+    assert first["features"].shape == (log.num_sessions, 5, 2)
+
+
+def test_a_logged_impression_file_trains_a_ranker(tmp_path):
+    """CSV impressions + an item table -> queries and sessions -> a PAL ranker that finds the curve."""
+    from twotower.data.click_log import from_impressions
+    from twotower.data.impressions import ImpressionColumns, read_impressions
+
+    rng = np.random.default_rng(7)
+    n_items, n_req, n = 200, 4000, 5
+    x = rng.normal(size=(n_items, 2))
+    grade = np.clip(np.round(1.5 + 1.2 * x[:, 0]), 0, 4).astype(np.int64)
+    items = pd.DataFrame({"item_id": np.arange(n_items) + 1000, "rel": x[:, 0], "noise": x[:, 1],
+                          "kind": np.where(x[:, 1] > 0, "a", "b")})  # fmt: skip
+    shown = np.stack([rng.choice(n_items, n, replace=False) for _ in range(n_req)])
+    cfg = _config().simulation.click_model
+    clicker = ClickModel(cfg, 4, n)
+    device = clicker.sample_devices(n_req, rng)
+    clicks = clicker.simulate(grade[shown], device, rng)
+    frame = pd.DataFrame({
+        "request_id": np.repeat(np.arange(n_req), n), "item_id": (shown + 1000).ravel(),
+        "position": np.tile(np.arange(1, n + 1), n_req), "click": clicks.ravel().astype(int),
+        "device": np.repeat(np.array(clicker.device_names)[device], n),
+    })  # fmt: skip
+    frame.to_csv(tmp_path / "impressions.csv", index=False)
+    lists = read_impressions(tmp_path / "impressions.csv", ImpressionColumns(context=["device"])).to_lists()
+    data, log = from_impressions(lists, items, context="device")
+    assert data.num_queries == n_req and log.device_names == ["desktop", "mobile"]
+    assert data.feature_names == ["rel", "noise", "kind=a", "kind=b"]
+    assert np.array_equal(log.clicks, clicks)
+    mean, std = data.feature_stats()
+    data = data.standardized(mean, std)
+    model = train_ranker("two-tower-pal", data, log, _config(), seed=0)  # fresh_clicks is ignored
+    _, curves = evaluate_ranker(model, data, log, None)
+    truth = clicker.curves / clicker.curves[:, :1]
+    assert np.abs(np.array([curves["desktop"], curves["mobile"]]) - truth).max() < 0.08, curves
+    scores = model.score(torch.from_numpy(data.features), torch.from_numpy(data.item_index)).numpy()
+    assert np.corrcoef(scores, data.features[:, 0])[0, 1] > 0.8
+    with pytest.raises(ValueError, match="missing from the item table"):
+        from_impressions(lists, items.iloc[1:])
