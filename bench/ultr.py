@@ -32,7 +32,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from common import DEFAULT_ML100K, RESULTS, measured_rows, result, write  # noqa: E402
 from twotower.data.click_log import logging_scores, simulate_click_log  # noqa: E402
@@ -178,7 +177,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--letor", help="a LETOR/svmlight file to add as a data set")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = [0] if args.quick else list(range(args.seeds))
     methods = args.methods or (QUICK_METHODS if args.quick else tuple(METHODS))
     command = "python bench/ultr.py" + (" --quick" if args.quick else "")

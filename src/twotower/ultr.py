@@ -179,20 +179,16 @@ def train_ranker(
     return model
 
 
-@torch.no_grad()
-def _session_outputs(model: DebiasedRanker, data: RankingData, log: ClickLog) -> dict[str, Tensor]:
-    batch = _gather(_data_tensors(data), _tensors(data, log, None, 0.1), torch.arange(log.num_sessions))
-    out = {"batch": batch, "relevance": model.relevance_logit(batch)}
-    if model.bias is not None:
-        out["bias"] = model.bias_logit(batch)
-    return out
+def _session_batch(data: RankingData, log: ClickLog) -> dict[str, Tensor]:
+    """Every session of ``log`` as one batch (evaluation)."""
+    return _gather(_data_tensors(data), _tensors(data, log, None, 0.1), torch.arange(log.num_sessions))
 
 
 @torch.no_grad()
-def learned_curves(model: DebiasedRanker, test: RankingData, log: ClickLog) -> np.ndarray:
+def learned_curves(model: DebiasedRanker, batch: dict[str, Tensor], log: ClickLog) -> np.ndarray:
     """[devices, N]: expected click rate of the held-out shown documents at rank k over at rank 1."""
     n, n_dev = log.docs.shape[1], len(log.device_names)
-    r = _session_outputs(model, test, log)["relevance"][torch.from_numpy(log.mask)]
+    r = model.relevance_logit(batch)[torch.from_numpy(log.mask)]
     out = np.empty((n_dev, n))
     for d in range(n_dev):
         ctx = {"device": torch.full((1,), d, dtype=torch.long)}
@@ -215,15 +211,15 @@ def evaluate_ranker(
     scores = model.score(torch.from_numpy(test.features), item).numpy()
     metrics = ranking_metrics(scores, test.labels, test.query_offsets, ks=(1, 3, 5, 10))
     curves: dict[str, list[float]] = {}
+    batch = _session_batch(test, test_log)
     if model.bias is not None:
-        learned = learned_curves(model, test, test_log)
+        learned = learned_curves(model, batch, test_log)
         curves = {name: learned[d].tolist() for d, name in enumerate(test_log.device_names)}
         if true_curves is not None:
             truth = true_curves[:, : learned.shape[1]] / true_curves[:, :1]
             metrics["curve_max_abs_error"] = float(np.abs(learned - truth).max())
     if model.config.loss == "clicks":
-        outputs = _session_outputs(model, test, test_log)
-        probs = model.click_probability(outputs["batch"]).numpy()
+        probs = model.click_probability(batch).numpy()
         mask = test_log.mask
         metrics["click_loglik"] = click_log_likelihood(probs[mask], test_log.clicks[mask])
         metrics["click_auc"] = roc_auc(probs[mask], test_log.clicks[mask])
