@@ -47,8 +47,13 @@ def test_misspelt_key_and_unknown_user_fail_clearly(tmp_path):
     assert "train.epoks" in result.output and "tiny.yaml" in result.output
     assert not (tmp_path / "r").exists()  # nothing half-written
     runner.invoke(app, ["train", str(config), "--run-dir", str(tmp_path / "ok"), "--quiet"])
-    result = runner.invoke(app, ["recommend", str(tmp_path / "ok"), "--user", "nobody"])
-    assert result.exit_code == 2 and "nobody" in result.output
+    # an unknown user is served from features (cold start), as the HTTP service does
+    result = runner.invoke(
+        app, ["recommend", str(tmp_path / "ok"), "--user", "nobody", "--feature", "segment=s1"]
+    )
+    assert result.exit_code == 0 and "nobody (cold start)" in result.output
+    result = runner.invoke(app, ["recommend", str(tmp_path / "ok"), "--user", "1", "--feature", "segmnt=s1"])
+    assert result.exit_code == 2 and "segmnt" in result.output
     result = runner.invoke(app, ["recommend", str(tmp_path), "--user", "1"])
     assert result.exit_code == 2 and "model.json" in result.output
 

@@ -76,29 +76,155 @@ def evaluate(
     _print_metrics(metrics)
 
 
+def _index_config(backend: str | None, options: list[str]):
+    """An IndexConfig from --index and --index-option key=value (validated: a misspelt key is an error)."""
+    if backend is None and not options:
+        return None
+    import yaml
+
+    from twotower.index import IndexConfig
+
+    raw: dict = {} if backend is None else {"backend": backend}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise ValueError(f"--index-option {option!r}: expected key=value")
+        raw[key.strip()] = yaml.safe_load(value)
+    return IndexConfig.model_validate(raw)
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {value!r}: expected name=value")
+        out.setdefault(key, []).append(rest)
+    return out
+
+
 @app.command()
 def recommend(
-    run_dir: Path = typer.Argument(..., help="a run directory written by `twotower train`", exists=True),
-    user: list[str] = typer.Option(..., "--user", "-u", help="raw user id (repeatable)"),
-    k: int = typer.Option(10, "-k", min=1, help="how many items"),
+    path: Path = typer.Argument(
+        ..., help="a run directory (exported on first use) or an export", exists=True
+    ),
+    user: list[str] = typer.Option([], "--user", "-u", help="user id (repeatable); unknown ids: cold start"),
+    feature: list[str] = typer.Option([], "--feature", help="raw user feature name=value, for cold start"),
+    history: list[str] = typer.Option([], "--history", help="a recent item id, oldest first (repeatable)"),
+    item_filter: list[str] = typer.Option([], "--filter", help="item metadata column=value (repeatable)"),
+    k: int = typer.Option(10, "-k", min=1, max=1000, help="how many items"),
     include_seen: bool = typer.Option(False, "--include-seen", help="keep the user's training items"),
+    no_rerank: bool = typer.Option(
+        False, "--no-rerank", help="retrieval order even when the run has a ranker"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print the service's JSON answer"),
 ) -> None:
-    """Top-k items for users: ids, scores and titles where the data has them."""
-    from twotower.recommender import Retriever, UnknownUserError
+    """Top-k items through the same pipeline as `twotower serve`: ids, scores and item metadata."""
+    from pydantic import ValidationError
+
+    from twotower.pipeline import RecommendRequest, RequestError
+    from twotower.serve import load_pipeline
 
     try:
-        retriever = Retriever.load(run_dir)
-        ids, scores = retriever.recommend(user, k=k, exclude_seen=not include_seen)
-    except (UnknownUserError, FileNotFoundError) as exc:
-        _fail(str(exc.args[0]) if exc.args else str(exc))
+        pipeline = load_pipeline(path)
+        features = {name: values[-1] for name, values in _pairs(feature, "--feature").items()}
+        filters = _pairs(item_filter, "--filter")
+        answers = []
+        for user_id in user or [None]:
+            request = RecommendRequest(
+                user_id=user_id, features=features or None, history=history, k=k,
+                exclude_seen=not include_seen, filters=filters or None, rerank=not no_rerank,
+            )  # fmt: skip
+            answers.append(pipeline.recommend(request))
+    except (RequestError, ValidationError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
         return
-    for row, user_id in enumerate(user):
-        typer.echo(f"user {user_id}:")
-        titles = retriever.titles(ids[row])
-        for rank, (item, score, title) in enumerate(zip(ids[row], scores[row], titles, strict=True), 1):
-            if item is None:
-                continue
-            typer.echo(f"  {rank:>3}. {item!s:<10} {score:8.4f}  {title or ''}")
+    for answer in answers:
+        if as_json:
+            typer.echo(answer.model_dump_json())
+            continue
+        how = "cold start" if answer.path == "cold_start" else "known user"
+        typer.echo(f"user {answer.user_id if answer.user_id is not None else '(features only)'} ({how}):")
+        for rank, item in enumerate(answer.items, 1):
+            title = item.metadata.get("title") or ""
+            typer.echo(f"  {rank:>3}. {item.item_id!s:<10} {item.score:8.4f}  {title}")
+
+
+@app.command("train-ranker")
+def train_ranker(
+    run_dir: Path = typer.Argument(..., help="a retrieval run directory", exists=True, file_okay=False),
+    impressions: Path = typer.Argument(..., help="impression log (CSV/TSV/Parquet)", exists=True),
+    config: Path | None = typer.Option(None, "--config", help="ranker config (YAML); default: defaults"),
+    set_: list[str] = typer.Option([], "--set", help="override a key: --set train.epochs=3 (repeatable)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Train the run's debiased ranker (relevance + bias towers) on a logged impression file."""
+    from twotower.reranker import RunRanker, RunRankerConfig, train_run_ranker
+
+    try:
+        cfg = load_config(config, set_, model=RunRankerConfig)
+        summary = train_run_ranker(run_dir, impressions, cfg, progress=not quiet)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"ranker: {summary['ranker_dir']}")
+    _print_metrics({k: v for k, v in summary.items() if k != "ranker_dir"})
+    ranker = RunRanker.load(run_dir)
+    if ranker is not None and ranker.examination_curve:
+        typer.echo("learned examination, relative to position 1:")
+        for context, curve in ranker.examination_curve.items():
+            typer.echo(f"  {context:<10} " + " ".join(f"{v:.2f}" for v in curve))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `twotower train`", exists=True),
+    out: Path | None = typer.Option(None, "--out", help="default: RUN_DIR/export"),
+    index: str | None = typer.Option(None, "--index", help="exact, faiss-flat, faiss-hnsw or faiss-ivfpq"),
+    index_option: list[str] = typer.Option([], "--index-option", help="e.g. ef_search=128 (repeatable)"),
+    onnx: bool = typer.Option(False, "--onnx", help="also write query_tower.onnx (checked vs PyTorch)"),
+) -> None:
+    """Export a trained run for serving: towers, item embeddings, the index, ids, vocabularies."""
+    from pydantic import ValidationError
+
+    from twotower.export import export_run, load_export
+
+    try:
+        target = export_run(run_dir, out, _index_config(index, index_option), onnx=onnx)
+    except (ValidationError, FileNotFoundError, ValueError, ImportError) as exc:
+        _fail(str(exc))
+        return
+    manifest = load_export(target).manifest
+    report = manifest["index"]["report"]
+    typer.echo(f"export: {target}")
+    typer.echo(f"  items {manifest['num_items']}, dim {manifest['embedding_dim']}, {manifest['similarity']}")
+    recall = report.get("recall_at_k")
+    typer.echo(f"  index {manifest['index']['backend']}: recall@{report.get('k')} vs exact {recall}")
+    typer.echo(f"  ranker: {'yes' if manifest['ranker'] else 'no'}")
+
+
+@app.command()
+def serve(
+    path: Path = typer.Argument(
+        ..., help="a run directory (exported on first use) or an export", exists=True
+    ),
+    host: str = typer.Option("127.0.0.1", help="interface to bind"),
+    port: int = typer.Option(8000, help="TCP port"),
+    retrieve_n: int = typer.Option(100, "--retrieve-n", min=1, help="candidates passed to the ranker"),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads per request"),
+    index: str | None = typer.Option(None, "--index", help="index backend when the run is exported now"),
+    no_reload: bool = typer.Option(False, "--no-reload", help="disable POST /admin/reload"),
+) -> None:
+    """Serve POST /recommend, GET /healthz and GET /metrics over HTTP (FastAPI + uvicorn)."""
+    from twotower.serve import serve as run_server
+
+    try:
+        typer.echo(f"serving {path} on http://{host}:{port}")
+        run_server(
+            path, host, port, retrieve_n, _index_config(index, []), threads, allow_reload=not no_reload
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -122,9 +122,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
-def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+def parse_config(raw: dict[str, Any], source: str = "<config>", model: type[BaseModel] | None = None) -> Any:
+    """Validate ``raw`` as ``model`` (default: a :class:`RunConfig`); errors name the source and keys."""
     try:
-        return RunConfig.model_validate(raw)
+        return (model or RunConfig).model_validate(raw)
     except ValidationError as exc:
         problems = "\n".join(
             f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
@@ -132,8 +133,11 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
         raise ConfigError(f"{source}: invalid config\n{problems}") from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a run config. ``path=None`` starts from the defaults."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] | None = None
+) -> Any:
+    """Read, override and validate a config (a :class:`RunConfig` unless ``model``). ``path=None``
+    starts from the defaults."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -144,7 +148,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return parse_config(apply_overrides(raw, overrides or []), source)
+    return parse_config(apply_overrides(raw, overrides or []), source, model)
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -7,6 +7,7 @@ A run directory holds everything needed to evaluate again, recommend, or resume:
     model.safetensors    final weights + encoded feature tables
     model.json           feature encoders, id maps, architecture - everything but the tensors
     train_pairs.safetensors  training (user, item) indices, to exclude seen items when recommending
+    items.parquet        item metadata (the item table's columns) in catalogue order, for serving
     history.json         per-epoch loss, speed, validation metrics
     metrics.json         test metrics of the named protocol
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from twotower import __version__
@@ -28,7 +30,7 @@ from twotower.data.dataset import Interactions, RetrievalData, build_retrieval_d
 from twotower.evaluate import PROTOCOLS, evaluate_embeddings
 from twotower.history import history_csr
 from twotower.retrieval import TwoTowerModel
-from twotower.storage import save_tensors, write_json
+from twotower.storage import save_tensors, write_json, write_parquet
 from twotower.tasks import build_task
 from twotower.train import FitResult, fit
 
@@ -159,6 +161,8 @@ def save_model(model: TwoTowerModel, data: RetrievalData, config: RunConfig, run
         {"user_idx": data.train.user_idx, "item_idx": data.train.item_idx},
     )
     titles = None
+    if data.items is not None:
+        save_item_table(data.items, data.item_ids, run_dir / "items.parquet")
     if data.items is not None and "title" in data.items.columns:
         by_id = data.items.set_index("item_id")["title"]
         titles = [None if pd_isna(t) else str(t) for t in by_id.reindex(data.item_ids).tolist()]
@@ -177,6 +181,17 @@ def save_model(model: TwoTowerModel, data: RetrievalData, config: RunConfig, run
             "similarity": model.config.similarity,
         },
     )
+
+
+def save_item_table(items: pd.DataFrame, item_ids: np.ndarray, path: Path) -> None:
+    """The item table's rows in catalogue order (one per item index), atomically, as Parquet."""
+    table = items.drop_duplicates("item_id").set_index("item_id").reindex(item_ids)
+    table = table.reset_index().rename(columns={"index": "item_id"})
+    for column in table.columns:
+        # Parquet needs one type per column; a mixed object column (ids "7" and 7) becomes text.
+        if table[column].dtype == object and table[column].map(type).nunique() > 1:
+            table[column] = table[column].map(lambda v: None if pd_isna(v) else str(v))
+    write_parquet(path, table)
 
 
 def pd_isna(value: Any) -> bool:

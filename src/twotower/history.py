@@ -146,6 +146,20 @@ class HistoryEncoder(nn.Module):
         ids = self.items[positions] if len(self.items) else torch.zeros_like(positions)
         if exclude is not None:
             valid = valid & (ids != exclude[:, None])
+        actions = self.actions[positions] if self.action_embedding is not None else None
+        return self.encode(ids, valid, recency, actions, embed_items)
+
+    def encode(
+        self,
+        ids: Tensor,
+        valid: Tensor,
+        recency: Tensor,
+        actions: Tensor | None = None,
+        embed_items: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """Pool explicit event rows ``ids [B, L]`` (oldest first, ``valid`` marks real events, ``recency``
+        counts back from the most recent): the path of events that are not in the stored histories,
+        such as a serving request's recent items."""
         if self.item_embedding is not None:
             events = self.item_embedding(ids)
         elif embed_items is not None:
@@ -153,7 +167,9 @@ class HistoryEncoder(nn.Module):
         else:
             raise ValueError("a history sharing the item embedding needs embed_items")
         if self.action_embedding is not None:
-            events = events + self.action_embedding(self.actions[positions])
+            if actions is None:
+                raise ValueError("this history encoder embeds actions; pass them with the events")
+            events = events + self.action_embedding(actions)
         empty = ~valid.any(dim=1)
         if self.encoder is not None:
             events = events + self.recency(recency)
@@ -164,3 +180,23 @@ class HistoryEncoder(nn.Module):
         weights = valid.to(events.dtype)[..., None]
         pooled = (events * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
         return pooled.masked_fill(empty[:, None], 0.0)
+
+    def event_rows(
+        self, sequences: list[Tensor], actions: list[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(ids, valid, recency, actions)`` of the last ``max_len`` events of each sequence (oldest
+        first), laid out exactly as :meth:`padded` lays out stored histories."""
+        width = self.config.max_len
+        ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        acts = torch.zeros_like(ids) if actions is not None else None
+        valid = torch.zeros(len(sequences), width, dtype=torch.bool)
+        recency = torch.zeros_like(ids)
+        for row, seq in enumerate(sequences):
+            seq = seq[-width:]
+            n = len(seq)
+            ids[row, :n] = seq
+            valid[row, :n] = True
+            recency[row, :n] = torch.arange(n - 1, -1, -1)
+            if acts is not None and actions is not None:
+                acts[row, :n] = actions[row][-width:]
+        return ids, valid, recency, acts

@@ -40,6 +40,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_parquet(path: Path, frame: Any) -> None:
+    """A pandas DataFrame as Parquet (no index), atomically."""
+    _atomic_write(path, lambda handle, _tmp: frame.to_parquet(handle, index=False))
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 

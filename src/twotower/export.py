@@ -1,0 +1,252 @@
+"""Export a trained run for serving: query tower, item embeddings and index, ids, vocabularies, manifest.
+
+``export_run(RUN_DIR)`` writes ``RUN_DIR/export/`` (or ``out``):
+
+    manifest.json            format, versions, similarity, temperature, dimensions, counts, the index
+                             and its recall report, ranker presence, and the SHA-256 of every file
+    query_tower.safetensors  user tower + history encoder weights, encoded user tables, stored histories
+    items.safetensors        item embeddings [N, d], exactly as the trained item tower computes them
+    seen.safetensors         each user's training items (CSR), for exclude_seen
+    catalogue.json           raw user and item ids (index -> id) and both feature encoders (vocabularies)
+    items.parquet            item metadata in catalogue order, when the run has an item table
+    index/                   the item index (``twotower.index``), built with the training similarity
+    ranker/                  the run's debiased ranker, when it has one (only its relevance tower runs)
+    query_tower.onnx         optional, checked against PyTorch at export
+
+The directory is assembled beside its destination and renamed into place, so a reader (e.g. a
+server swapping models) never sees half an export. ``load_export`` verifies the format, the hashes
+and that the index metric is the training similarity before anything is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from twotower import __version__
+from twotower.features import FeatureEncoder
+from twotower.index import IndexConfig, ItemIndex
+from twotower.query_tower import QueryTower
+from twotower.recommender import Retriever
+from twotower.retrieval import ModelConfig
+from twotower.storage import load_tensors, read_json, save_tensors, write_json
+from twotower.topk import CSR
+
+__all__ = ["EXPORT_FORMAT", "ExportedRun", "export_run", "load_export", "resolve_export"]
+
+EXPORT_FORMAT = "twotower.export/1"
+log = logging.getLogger("twotower")
+
+
+def export_run(
+    run_dir: str | Path, out: str | Path | None = None, index: IndexConfig | None = None, onnx: bool = False
+) -> Path:
+    """Export the trained run in ``run_dir``; returns the export directory."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "export"
+    retriever = Retriever.load(run_dir)
+    model, config = retriever.model, retriever.config
+    meta = read_json(run_dir / "model.json")
+    user_encoder = FeatureEncoder.from_dict(meta["user_encoder"])
+    query = QueryTower.from_model(model, user_encoder.fields())
+    items = model.item_embeddings()
+    index_config = index or IndexConfig()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_tensors(staging / "query_tower.safetensors", query.state_dict())
+        save_tensors(staging / "items.safetensors", {"embeddings": items})
+        seen = retriever.seen
+        save_tensors(staging / "seen.safetensors", {"indptr": seen.indptr, "indices": seen.indices})
+        write_json(
+            staging / "catalogue.json",
+            {"user_ids": meta["user_ids"], "item_ids": meta["item_ids"],
+             "user_encoder": meta["user_encoder"], "item_encoder": meta["item_encoder"]},
+        )  # fmt: skip
+        if (run_dir / "items.parquet").exists():
+            shutil.copy2(run_dir / "items.parquet", staging / "items.parquet")
+        t0 = time.perf_counter()
+        built = ItemIndex.build(items, index_config, config.model.similarity, queries=model.user_embeddings())
+        built.save(staging / "index")
+        log.info(
+            "index %s built in %.1fs: %s", index_config.backend, time.perf_counter() - t0, built.build_report
+        )
+        from twotower.reranker import RunRanker, sha256_file
+
+        # Loading checks the ranker sits on these very retrieval weights before it ships.
+        has_ranker = RunRanker.load(run_dir) is not None
+        if has_ranker:
+            shutil.copytree(run_dir / "ranker", staging / "ranker")
+        onnx_report = None
+        if onnx:
+            from twotower.onnx_export import export_onnx
+
+            onnx_report = export_onnx(query, staging / "query_tower.onnx")
+        history = query.history
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "run_dir": str(run_dir.resolve()),
+            "versions": _versions(),
+            "similarity": config.model.similarity,
+            "temperature": config.model.temperature,
+            "embedding_dim": int(items.shape[1]),
+            "num_users": model.num_users,
+            "num_items": model.num_items,
+            "model_config": config.model.model_dump(mode="json"),
+            "history": None
+            if history is None
+            else {
+                "dim": history.dim,
+                "actions": history.action_embedding.num_embeddings if history.action_embedding else None,
+            },
+            "index": {"backend": index_config.backend, "report": built.build_report},
+            "ranker": has_ranker,
+            "retrieval_sha256": sha256_file(run_dir / "model.safetensors"),
+            "onnx": onnx_report,
+            "files": _hashes(staging),
+        }
+        write_json(staging / "manifest.json", manifest)
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass
+class ExportedRun:
+    """An export loaded into memory: everything the serving pipeline needs, nothing it does not."""
+
+    path: Path
+    manifest: dict[str, Any]
+    query: QueryTower
+    item_embeddings: torch.Tensor
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    user_encoder: FeatureEncoder
+    item_encoder: FeatureEncoder
+    items: pd.DataFrame | None
+    seen: CSR
+    index: ItemIndex
+    ranker: Any  # twotower.reranker.RunRanker | None
+
+    @property
+    def similarity(self) -> str:
+        return self.manifest["similarity"]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.manifest["temperature"])
+
+
+def load_export(path: str | Path, verify: bool = True) -> ExportedRun:
+    """Load an export directory; refuses a foreign format, a corrupted file or a metric mismatch."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(
+            f"{path} is not an export (manifest.json missing): run `twotower export` first"
+        )
+    manifest = read_json(manifest_path)
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    if verify:
+        actual = _hashes(path)
+        for name, digest in manifest["files"].items():
+            if actual.get(name) != digest:
+                raise ValueError(f"{path / name} is missing or does not match its hash in {manifest_path}")
+    catalogue = read_json(path / "catalogue.json")
+    user_encoder = FeatureEncoder.from_dict(catalogue["user_encoder"])
+    history = manifest["history"]
+    query = QueryTower(
+        ModelConfig.model_validate(manifest["model_config"]),
+        user_encoder.fields(),
+        manifest["num_users"],
+        manifest["num_items"],
+        history["dim"] if history else None,
+        history["actions"] if history else None,
+    )
+    query.load_state(load_tensors(path / "query_tower.safetensors"))
+    items = load_tensors(path / "items.safetensors")["embeddings"]
+    seen = load_tensors(path / "seen.safetensors")
+    index = ItemIndex.load(path / "index", manifest["similarity"])
+    ranker = None
+    if manifest["ranker"]:
+        from twotower.reranker import RunRanker
+
+        ranker = RunRanker.load_dir(
+            path / "ranker", manifest["embedding_dim"], manifest["num_items"], manifest["retrieval_sha256"]
+        )
+    metadata = pd.read_parquet(path / "items.parquet") if (path / "items.parquet").exists() else None
+    return ExportedRun(
+        path=path,
+        manifest=manifest,
+        query=query,
+        item_embeddings=items,
+        user_ids=np.asarray(catalogue["user_ids"]),
+        item_ids=np.asarray(catalogue["item_ids"]),
+        user_encoder=user_encoder,
+        item_encoder=FeatureEncoder.from_dict(catalogue["item_encoder"]),
+        items=metadata,
+        seen=CSR(seen["indptr"], seen["indices"]),
+        index=index,
+        ranker=ranker,
+    )
+
+
+def resolve_export(path: str | Path, index: IndexConfig | None = None) -> Path:
+    """The export directory for ``path``: an export itself, a run's ``export/``, or a new export of a run."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        return path
+    if (path / "export" / "manifest.json").exists():
+        return path / "export"
+    if (path / "model.json").exists():
+        log.warning("%s has no export yet: exporting it to %s", path, path / "export")
+        return export_run(path, index=index)
+    raise FileNotFoundError(f"{path} is neither a run directory (model.json) nor an export (manifest.json)")
+
+
+def _versions() -> dict[str, str]:
+    versions = {"twotower": __version__, "torch": torch.__version__, "numpy": np.__version__}
+    try:
+        import faiss
+
+        versions["faiss"] = faiss.__version__
+    except ImportError:  # pragma: no cover - the exact backend needs no faiss
+        pass
+    return versions
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file below ``root`` except the manifest, keyed by relative path."""
+    out = {}
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        digest = hashlib.sha256()
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        out[file.relative_to(root).as_posix()] = digest.hexdigest()
+    return out
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Move ``staging`` to ``out``; an existing ``out`` is swapped away first and then deleted."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,286 @@
+"""Retrieve, then rank: the one recommendation path shared by ``twotower serve`` and ``twotower recommend``.
+
+A request names a catalogue user, or brings raw user features (cold start), optionally with the
+user's recent items. The pipeline
+
+1. encodes the query: a known user from the stored features and training history plus the recent
+   items; anyone else from the given features through the run's ``FeatureEncoder`` (an id the model
+   never saw maps to out-of-vocabulary, missing features to their defaults) plus the recent items;
+2. retrieves ``retrieve_n`` candidates from the item index (the training similarity; cosine through
+   unit vectors), never returning excluded items (training items and recent items when
+   ``exclude_seen``, plus ``exclude_items``) and only items passing the filters;
+3. re-ranks them with the run's debiased relevance tower when it has one (no position, no bias
+   features: only the relevance tower runs at inference), and answers the top ``k``.
+
+Scores: ``retrieval_score`` = similarity / temperature (what the model was trained on);
+``rank_score`` = the relevance logit when re-ranked; ``score`` is the one the list is sorted by.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from twotower.export import ExportedRun
+from twotower.features import IdFeature
+
+__all__ = ["Pipeline", "RecommendRequest", "RecommendResponse", "RequestError"]
+
+MAX_K = 1000
+Value = str | int | float | bool | None
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer as asked (an unknown feature, a filter on no column...)."""
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str | int | None = Field(
+        None, description="a catalogue user; unknown ids take the cold-start path"
+    )
+    features: dict[str, Value | list[Value]] | None = Field(
+        None, description="raw user features by column name, for users the model has not seen"
+    )
+    history: list[str | int] = Field(
+        default_factory=list, max_length=10_000, description="recent item ids, oldest first"
+    )
+    history_actions: list[int] | None = Field(None, description="one action code per history item")
+    k: int = Field(10, ge=1, le=MAX_K)
+    exclude_seen: bool = Field(True, description="drop the user's training items and the history items")
+    exclude_items: list[str | int] = Field(default_factory=list, max_length=10_000)
+    filters: dict[str, list[Value]] | None = Field(
+        None, description="item metadata column -> allowed values (a '|'-separated cell matches any token)"
+    )
+    rerank: bool = Field(True, description="re-rank with the relevance tower when the run has one")
+
+
+class RecommendedItem(BaseModel):
+    item_id: str | int
+    score: float
+    retrieval_score: float
+    rank_score: float | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecommendResponse(BaseModel):
+    user_id: str | int | None
+    path: Literal["known", "cold_start"]
+    reranked: bool
+    items: list[RecommendedItem]
+    ignored_history: list[str | int] = Field(
+        default_factory=list, description="history ids not in the catalogue"
+    )
+    model: str
+
+
+class Pipeline:
+    """A loaded export answering :class:`RecommendRequest`; thread-safe for concurrent requests."""
+
+    def __init__(self, exported: ExportedRun, retrieve_n: int = 100) -> None:
+        self.exported = exported
+        self.retrieve_n = retrieve_n
+        self.user_pos = pd.Index(exported.user_ids)
+        self.item_pos = pd.Index(exported.item_ids)
+        self.model_id = f"{exported.path.resolve()}@{exported.manifest['created']}"
+        specs = exported.user_encoder.specs
+        self._id_column = next((s.column for s in specs if isinstance(s, IdFeature)), None)
+        self._feature_columns = {s.column for s in specs}
+        self._filter_cache: dict[tuple[str, tuple], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    # --- ids -----------------------------------------------------------------------------------------
+
+    def _lookup(self, index: pd.Index, value: Any) -> int:
+        """Catalogue position of a raw id, tolerating ids sent as strings for integer catalogues."""
+        for candidate in _id_forms(value, index.dtype):
+            pos = index.get_indexer([candidate])[0]
+            if pos >= 0:
+                return int(pos)
+        return -1
+
+    def item_indices(self, ids: list[Any]) -> tuple[list[int], list[Any]]:
+        known, unknown = [], []
+        for value in ids:
+            pos = self._lookup(self.item_pos, value)
+            (known.append(pos) if pos >= 0 else unknown.append(value))
+        return known, unknown
+
+    # --- the query -----------------------------------------------------------------------------------
+
+    def _query(self, request: RecommendRequest) -> tuple[torch.Tensor, int, list[int], list[Any]]:
+        """(query embedding [1, d], user index or -1, known history indices, unknown history ids)."""
+        query = self.exported.query
+        # Checked on every path: a known user's stored features win, but a misspelt name is an error.
+        self._check_feature_names(request)
+        events, ignored = self.item_indices(request.history)
+        keep = [i for i, v in enumerate(request.history) if v not in ignored]
+        actions = None
+        if request.history_actions is not None:
+            if len(request.history_actions) != len(request.history):
+                raise RequestError(
+                    f"history_actions has {len(request.history_actions)} entries for "
+                    f"{len(request.history)} history items"
+                )
+            actions = [torch.tensor([request.history_actions[i] for i in keep], dtype=torch.long)]
+            self._check_actions(actions[0])
+        event_rows = [torch.tensor(events, dtype=torch.long)]
+        user = -1 if request.user_id is None else self._lookup(self.user_pos, request.user_id)
+        if user >= 0:
+            return query.known(torch.tensor([user]), event_rows, actions), user, events, ignored
+        features = self._encode_features(request)
+        return query.from_features(features, event_rows, actions), -1, events, ignored
+
+    def _check_actions(self, actions: torch.Tensor) -> None:
+        history = self.exported.query.history
+        table = history.action_embedding if history is not None else None
+        if table is None:
+            raise RequestError("this model's history has no actions: leave history_actions out")
+        if len(actions) and (int(actions.min()) < 0 or int(actions.max()) >= table.num_embeddings):
+            raise RequestError(f"history_actions must lie in 0..{table.num_embeddings - 1}")
+
+    def _check_feature_names(self, request: RecommendRequest) -> None:
+        unknown = sorted(set(request.features or {}) - self._feature_columns)
+        if unknown:
+            raise RequestError(
+                f"unknown user feature(s) {unknown}; this model reads {sorted(self._feature_columns)}"
+            )
+
+    def _encode_features(self, request: RecommendRequest) -> dict[str, torch.Tensor]:
+        given = dict(request.features or {})
+        row = {column: [given.get(column)] for column in self._feature_columns}
+        if self._id_column is not None and request.user_id is not None:
+            row[self._id_column] = [request.user_id]  # never seen in training: out-of-vocabulary
+        try:
+            return self.exported.user_encoder.transform(pd.DataFrame(row))
+        except (ValueError, TypeError) as exc:
+            raise RequestError(f"bad user features: {exc}") from exc
+
+    # --- candidates ----------------------------------------------------------------------------------
+
+    def _allowed(self, filters: dict[str, list[Value]] | None) -> np.ndarray | None:
+        if not filters:
+            return None
+        table = self.exported.items
+        allowed: np.ndarray | None = None
+        for column, values in sorted(filters.items()):
+            if table is None or column not in table.columns or column == "item_id":
+                columns = [] if table is None else sorted(c for c in table.columns if c != "item_id")
+                raise RequestError(f"cannot filter on {column!r}; item metadata columns: {columns}")
+            key = (column, tuple(sorted(map(str, values))))
+            with self._lock:
+                match = self._filter_cache.get(key)
+                if match is None:
+                    match = _matching(table[column], values)
+                    if len(self._filter_cache) > 256:  # bounded: filters come from clients
+                        self._filter_cache.clear()
+                    self._filter_cache[key] = match
+            allowed = match if allowed is None else np.intersect1d(allowed, match, assume_unique=True)
+        return allowed
+
+    def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        exported = self.exported
+        query, user, events, ignored = self._query(request)
+        excluded: list[int] = []
+        if request.exclude_seen:
+            if user >= 0:
+                excluded += exported.seen.row(user).tolist()
+            excluded += events
+        excluded += self.item_indices(request.exclude_items)[0]
+        rerank = request.rerank and exported.ranker is not None
+        n = max(request.k, self.retrieve_n) if rerank else request.k
+        allowed = self._allowed(request.filters)
+        # Dividing the query (not the scores) by the temperature is what training does: the scores
+        # are then bit-for-bit the trained model's, and the order is the inner product's.
+        ids, retrieval = exported.index.search(
+            (query / exported.temperature).numpy(),
+            n,
+            exclude=[np.unique(np.asarray(excluded, dtype=np.int64))],
+            allowed=allowed,
+        )
+        keep = ids[0] >= 0
+        ids, retrieval = ids[0][keep], retrieval[0][keep]
+        order, rank_scores = np.arange(len(ids)), None
+        if rerank and len(ids):
+            item_idx = torch.from_numpy(ids)[None]
+            logits = exported.ranker.score(query, item_idx, exported.item_embeddings[item_idx])[0].numpy()
+            order = np.lexsort((ids, -logits))  # by relevance, ties towards the lower index
+            rank_scores = logits
+        order = order[: request.k]
+        items = [
+            RecommendedItem(
+                item_id=_plain(exported.item_ids[i]),
+                score=float(rank_scores[j] if rank_scores is not None else retrieval[j]),
+                retrieval_score=float(retrieval[j]),
+                rank_score=None if rank_scores is None else float(rank_scores[j]),
+                metadata=self._metadata(int(i)),
+            )
+            for j, i in ((int(j), ids[j]) for j in order)
+        ]
+        return RecommendResponse(
+            user_id=request.user_id,
+            path="known" if user >= 0 else "cold_start",
+            reranked=rerank,
+            items=items,
+            ignored_history=ignored,
+            model=self.model_id,
+        )
+
+    def _metadata(self, item: int) -> dict[str, Any]:
+        table = self.exported.items
+        if table is None:
+            return {}
+        row = table.iloc[item]
+        return {str(k): _plain(v) for k, v in row.items() if k != "item_id"}
+
+
+def _matching(column: pd.Series, values: list[Value]) -> np.ndarray:
+    """Catalogue indices whose cell equals one of ``values`` or, for 'a|b' cells, holds one as a token."""
+    wanted = {str(v) for v in values if v is not None}
+
+    def hit(cell: Any) -> bool:
+        if _missing(cell):
+            return False
+        text = str(cell)
+        return text in wanted or ("|" in text and not wanted.isdisjoint(text.split("|")))
+
+    hits = np.fromiter((hit(v) for v in column.tolist()), dtype=bool, count=len(column))
+    return np.flatnonzero(hits).astype(np.int64)
+
+
+def _id_forms(value: Any, dtype: Any) -> list[Any]:
+    """The forms a raw id may take in a catalogue of ``dtype``: as given, and int <-> str."""
+    forms = [value]
+    if isinstance(value, str) and pd.api.types.is_integer_dtype(dtype):
+        with contextlib.suppress(ValueError):
+            forms.append(int(value))
+    elif isinstance(value, int) and not pd.api.types.is_integer_dtype(dtype):
+        forms.append(str(value))
+    return forms
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready Python value: numpy scalars unwrapped, NaN -> None, arrays -> lists."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    return value

@@ -1,0 +1,174 @@
+"""``twotower serve``: the recommendation pipeline behind a FastAPI app, run by uvicorn.
+
+Routes:
+
+* ``POST /recommend`` - a :class:`~twotower.pipeline.RecommendRequest`; answers ids, scores and item
+  metadata. Bad JSON, wrong types, unknown fields and an out-of-range ``k`` are 422 with the reason;
+  an unknown user id takes the cold-start path (never a 5xx).
+* ``GET /healthz`` - liveness plus what is loaded (model, items, ranker, index backend).
+* ``GET /metrics`` - Prometheus text format: requests by route and status, a latency histogram,
+  model reloads.
+* ``POST /admin/reload`` - load a run or export (by default the one being served, e.g. re-exported)
+  and swap it in. The new model is loaded while the old one keeps answering; the swap is a single
+  reference assignment, and every request reads that reference once, so no request is dropped or
+  sees half of each model.
+
+The model loads once, at start-up. Torch runs one thread per request (set by ``threads``): on a small
+machine the request concurrency, not intra-op parallelism, is what keeps the latency tail short.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from twotower import __version__
+from twotower.export import load_export, resolve_export
+from twotower.index import IndexConfig
+from twotower.pipeline import Pipeline, RecommendRequest, RecommendResponse, RequestError
+
+__all__ = ["ModelHolder", "ReloadRequest", "create_app", "load_pipeline", "serve"]
+
+log = logging.getLogger("twotower")
+_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def load_pipeline(path: str | Path, retrieve_n: int = 100, index: IndexConfig | None = None) -> Pipeline:
+    """The pipeline of a run directory or an export (a run without an export is exported first)."""
+    return Pipeline(load_export(resolve_export(path, index)), retrieve_n=retrieve_n)
+
+
+class ModelHolder:
+    """The pipeline being served and where it came from; ``swap`` replaces both at once."""
+
+    def __init__(self, source: Path, pipeline: Pipeline) -> None:
+        self.source, self.pipeline = source, pipeline
+        self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
+
+    def swap(self, source: Path, retrieve_n: int, index: IndexConfig | None) -> Pipeline:
+        with self._reload_lock:
+            fresh = load_pipeline(source, retrieve_n, index)  # the old pipeline keeps serving meanwhile
+            self.source, self.pipeline = source, fresh
+            return fresh
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="run or export directory; default: the one being served")
+
+
+def create_app(
+    source: str | Path,
+    retrieve_n: int = 100,
+    index: IndexConfig | None = None,
+    allow_reload: bool = True,
+    pipeline: Pipeline | None = None,
+) -> FastAPI:
+    """The service for a run or export directory (or an already loaded ``pipeline``)."""
+    source = Path(source)
+    holder = ModelHolder(source, pipeline or load_pipeline(source, retrieve_n, index))
+    registry = CollectorRegistry()
+    requests = Counter(
+        "twotower_requests", "HTTP requests by route and status", ["route", "status"], registry=registry
+    )
+    latency = Histogram(
+        "twotower_request_latency_seconds", "request latency", ["route"], buckets=_BUCKETS, registry=registry
+    )
+    reloads = Counter("twotower_model_reloads", "successful model swaps", registry=registry)
+    app = FastAPI(title="twotower", version=__version__, description="Two-tower retrieval + debiased ranking")
+    app.state.holder = holder
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            name = getattr(route, "path", "unmatched")
+            requests.labels(name, str(status)).inc()
+            latency.labels(name).observe(time.perf_counter() - start)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default answer echoes the offending input, which may be a float JSON cannot
+        # encode (Python's parser accepts Infinity): that would turn a 422 into a 500.
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    def recommend(body: RecommendRequest) -> RecommendResponse:
+        current = holder.pipeline  # read once: a concurrent swap cannot split this request
+        return current.recommend(body)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        exported = holder.pipeline.exported
+        return {
+            "status": "ok",
+            "model": holder.pipeline.model_id,
+            "items": int(len(exported.item_ids)),
+            "users": int(len(exported.user_ids)),
+            "index": exported.manifest["index"]["backend"],
+            "ranker": exported.ranker is not None,
+            "similarity": exported.similarity,
+        }
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if allow_reload:
+
+        @app.post("/admin/reload")
+        async def reload(body: ReloadRequest | None = None) -> dict:
+            target = Path(body.path) if body is not None and body.path else holder.source
+            start = time.perf_counter()
+            try:
+                fresh = await run_in_threadpool(holder.swap, target, retrieve_n, index)
+            except (FileNotFoundError, ValueError) as exc:
+                return JSONResponse(status_code=409, content={"detail": f"not swapped: {exc}"})  # type: ignore[return-value]
+            reloads.inc()
+            log.warning("swapped in %s", fresh.model_id)
+            return {"model": fresh.model_id, "seconds": round(time.perf_counter() - start, 3)}
+
+    return app
+
+
+def serve(
+    source: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    retrieve_n: int = 100,
+    index: IndexConfig | None = None,
+    threads: int = 1,
+    allow_reload: bool = True,
+    log_level: str = "warning",
+) -> None:
+    """Load the model once and serve it until interrupted."""
+    import uvicorn
+
+    torch.set_num_threads(threads)
+    app = create_app(source, retrieve_n=retrieve_n, index=index, allow_reload=allow_reload)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
