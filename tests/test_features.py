@@ -172,3 +172,45 @@ def test_encoder_config_errors(items: pd.DataFrame) -> None:
         enc.fit(items)
     with pytest.raises(RuntimeError, match="before fit"):
         enc.transform(items)
+
+
+def test_transform_record_equals_transform_of_a_one_row_frame():
+    """The serving fast path encodes a row exactly as the frame path does, missing values included."""
+    import random
+
+    frame = pd.DataFrame(
+        {
+            "uid": [1, 2, 3, 4, 5, 6],
+            "seg": ["a", "b", "a", None, "c", "b"],
+            "tags": ["x|y", "y", "", "z|x|w", None, "x"],
+            "age": [20.0, 35.5, None, 41.0, 18.0, 60.0],
+            "spend": [1.0, 5.0, 3.0, 2.0, 8.0, None],
+        }
+    )
+    encoder = FeatureEncoder(
+        [
+            {"type": "id", "name": "uid"},
+            {"type": "categorical", "name": "seg"},
+            {"type": "multi_hot", "name": "tags", "max_len": 3},
+            {"type": "numeric", "name": "age"},
+            {"type": "bucketized", "name": "spend", "num_buckets": 3},
+        ]
+    ).fit(frame)
+    rng = random.Random(0)
+    pools = {
+        "uid": [1, 3, 99, None, "7"],
+        "seg": ["a", "c", "zz", None, ""],
+        "tags": ["x", "y|q", "w|z|x|y", None, ""],
+        "age": [0.0, 33.3, None, 100, "42"],
+        "spend": [0.5, 4.0, 100.0, None, 3],
+    }
+    for _ in range(50):
+        record = {col: rng.choice(values) for col, values in pools.items() if rng.random() < 0.9}
+        want = encoder.transform(pd.DataFrame({c: [record.get(c)] for c in pools}, dtype=object))
+        got = encoder.transform_record(record)
+        for name in want:
+            assert torch.equal(got[name], want[name].to(got[name].dtype)), (name, record)
+    with pytest.raises(ValueError, match="age"):
+        encoder.transform_record({"age": "old"})
+    with pytest.raises(ValueError, match="seg"):
+        encoder.transform_record({"seg": ["a", "b"]})

@@ -117,17 +117,18 @@ def test_exclusions_never_returned(indexes, name, as_csr):
 
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("size", [60, 1500])  # below / above allowed_exact_max: exact subset / IDSelector
-def test_allowed_filter(indexes, name, size):
+def test_allowed_filter(indexes, name, size, monkeypatch):
     index = indexes[name]
-    index.config = index.config.model_copy(update={"allowed_exact_max": 500})
+    monkeypatch.setattr(index, "config", index.config.model_copy(update={"allowed_exact_max": 500}))
     allowed = np.random.default_rng(4).choice(N, size, replace=False)
     ids, scores = index.search(QUERIES, K, allowed=allowed)
     assert np.isin(ids, allowed).all()
     _assert_matches(name, ids, scores, *_exact(K, allowed=allowed))
     # Both filters at once.
     exclude = [allowed[:3]] * len(QUERIES)
-    ids, _ = index.search(QUERIES, K, exclude=exclude, allowed=allowed)
+    ids, scores = index.search(QUERIES, K, exclude=exclude, allowed=allowed)
     assert np.isin(ids, allowed[3:]).all()
+    _assert_matches(name, ids, scores, *_exact(K, exclude=exclude, allowed=allowed))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -153,6 +154,8 @@ def test_rows_the_index_cannot_fill_fall_back_to_exact():
     ids, scores = index.search(QUERIES, 30, allowed=allowed, exclude=[allowed[:2]] * len(QUERIES))
     assert (ids >= 0).all() and np.isin(ids, allowed[2:]).all()
     assert recall_at_k(ids, _exact(30, allowed=allowed[2:])[0]) >= 0.9
+    ids, scores = index.search(QUERIES, 100)  # no filter: still more than the one probed list holds
+    assert (ids >= 0).all() and np.isfinite(scores).all()
 
 
 @pytest.mark.parametrize("backend", ["exact", "faiss-flat"])

@@ -297,6 +297,58 @@ class FeatureEncoder:
                 out[spec.name] = torch.from_numpy(np.where(np.isnan(values), 0, idx).astype(np.int64))
         return out
 
+    def transform_record(self, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Encode ONE row given as ``{column: raw value}`` (absent columns are missing), exactly as
+        :meth:`transform` encodes it in a frame, without building one: the serving path, where a
+        DataFrame per request would cost milliseconds."""
+        if not self.is_fitted:
+            raise RuntimeError("FeatureEncoder.transform_record called before fit (or from_dict)")
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.specs:
+            value, state = record.get(spec.column), self._state[spec.name]
+            if isinstance(spec, IdFeature | CategoricalFeature):
+                if isinstance(value, list | tuple | dict | set):
+                    raise ValueError(
+                        f"feature {spec.name!r} (column {spec.column!r}) takes one value, got {value!r}"
+                    )
+                key = _canon(value)
+                out[spec.name] = torch.tensor([0 if key is None else self._index[spec.name].get(key, 0)])
+            elif isinstance(spec, MultiHotFeature):
+                row = (
+                    [self._index[spec.name].get(t, 1) for t in _tokens(value, spec.separator)]
+                    if value is not None
+                    else []
+                )
+                width = spec.max_len or max(len(row), 1)
+                codes = np.zeros((1, width), dtype=np.int64)
+                codes[0, : len(row[:width])] = row[:width]
+                out[spec.name] = torch.from_numpy(codes)
+            else:
+                number = self._record_number(value, spec)
+                if isinstance(spec, NumericFeature):
+                    fill = state["mean"] if spec.fill is None else spec.fill
+                    x = fill if math.isnan(number) else number
+                    out[spec.name] = torch.tensor([(x - state["mean"]) / state["std"]], dtype=torch.float32)
+                else:
+                    bucket = int(np.searchsorted(np.asarray(state["boundaries"]), number, side="right")) + 1
+                    out[spec.name] = torch.tensor([0 if math.isnan(number) else bucket])
+        return out
+
+    @staticmethod
+    def _record_number(value: Any, spec: FeatureSpec) -> float:
+        """A cell as a float, NaN when missing; the same rules as :meth:`_numbers`."""
+        if value is None or value is pd.NA or (isinstance(value, str) and not value.strip()):
+            return math.nan
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"feature {spec.name!r}, column {spec.column!r}: not a finite number: {value!r}"
+            ) from None
+        if math.isinf(number):
+            raise ValueError(f"feature {spec.name!r}, column {spec.column!r}: not a finite number: {value!r}")
+        return number
+
     def _multi_hot(self, series: pd.Series, spec: MultiHotFeature) -> np.ndarray:
         index = self._index[spec.name]
         rows = [[index.get(t, 1) for t in _tokens(cell, spec.separator)] for cell in series.tolist()]

@@ -255,9 +255,8 @@ class ItemIndex:
         selector = None if allowed is None else self._selector(allowed)
         ids = np.full((n_q, k), -1, np.int64)
         scores = np.full((n_q, k), _EMPTY, np.float32)
-        # A fetch past a quarter of the catalogue is slower than brute force (HNSW's efSearch grows with
-        # it): such rows (long histories) go exact. The others are searched in groups of similar fetch
-        # size (k + n_excluded up to a power of two): one long history must not slow the whole batch.
+        # Fetching over a quarter of the catalogue is slower than brute force: such rows go exact. The rest
+        # go in groups of similar fetch size (k + n_excluded in powers of 2), not all at the batch's largest.
         heavy = k + n_excl > n // 4
         self._fill_exact(queries, k, pairs, allowed, np.flatnonzero(heavy), ids, scores)
         group = np.where(heavy, -1, np.ceil(np.log2(k + n_excl)).astype(np.int64))
@@ -271,9 +270,8 @@ class ItemIndex:
             got = cand[:, :k] >= 0  # FAISS puts its empty slots (-1) last
             ids[todo, : got.shape[1]] = cand[:, :k]
             scores[todo, : got.shape[1]] = np.where(got, dist[:, :k], _EMPTY)
-            # At most n_excluded of a full list of fetch >= k + n_excluded candidates are filtered out,
-            # so a row is short only when FAISS returned fewer (probed IVF lists ran out, an HNSW walk
-            # stuck behind the allowed filter): a larger fetch would not help; exact search fills it.
+            # A full list of fetch >= k + n_excluded loses at most n_excluded, so a row is short only if FAISS
+            # returned fewer (probed IVF lists ran out, HNSW stuck behind the filter): exact search fills it.
             short = got.sum(1) < wanted[todo]
             self._fill_exact(queries, k, pairs, allowed, todo[short], ids, scores)
         return self._rescore(queries, ids) if rescore else (ids, scores)

@@ -135,7 +135,8 @@ class RunRanker:
     def score(self, user_emb: Tensor, item_idx: Tensor, item_emb: Tensor) -> Tensor:
         """Relevance logits ``[B, N]`` of the items ``item_idx [B, N]`` (catalogue indices; a negative
         index is padding and scores -inf) for users ``user_emb [B, d]``, items ``item_emb [B, N, d]``."""
-        self.model.eval()
+        if self.model.training:  # eval() walks every submodule: only when needed (serving calls this)
+            self.model.eval()
         if item_idx.numel() and int(item_idx.max()) >= self.num_items:
             raise ValueError(f"item index {int(item_idx.max())} is outside the catalogue")
         logits = self.model.score(pair_features(user_emb, item_emb), item_idx.clamp(min=0))

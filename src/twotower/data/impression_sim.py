@@ -52,7 +52,7 @@ def simulate_impressions(
     # Each request's candidates: the user's top retrieved items (chunked: catalogues may be large).
     top = np.concatenate(
         [torch.topk(user_emb[c] @ item_emb.T, candidates, dim=1).indices.numpy()
-         for c in torch.from_numpy(users).split(4096)]
+         for c in torch.from_numpy(users).split(256)]
     )  # fmt: skip
     pick = np.argsort(rng.random((requests, candidates)), axis=1)[:, :shown]
     slate = np.take_along_axis(top, pick, axis=1)
