@@ -1,3 +1,5 @@
+import json
+
 import yaml
 from typer.testing import CliRunner
 
@@ -63,3 +65,20 @@ def test_demo_quick(tmp_path):
     assert result.exit_code == 0, result.output
     assert "most popular" in result.output and "true affinities" in result.output
     assert (tmp_path / "demo" / "demo_summary.json").exists()
+
+
+def test_export_command_builds_the_named_index(tmp_path):
+    config = _write_config(tmp_path)
+    run_dir = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(config), "--run-dir", str(run_dir), "--quiet"]).exit_code == 0
+    result = runner.invoke(
+        app, ["export", str(run_dir), "--index", "faiss-hnsw", "--index-option", "ef_search=64"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "faiss-hnsw: recall@100 vs exact" in result.output
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["index"]["report"]["params"]["ef_search"] == 64
+    bad = runner.invoke(app, ["export", str(run_dir), "--index-option", "ef_serch=64"])
+    assert bad.exit_code == 2 and "ef_serch" in bad.output
+    result = runner.invoke(app, ["recommend", str(run_dir / "export"), "--user", "3", "--json", "-k", "3"])
+    assert result.exit_code == 0 and len(json.loads(result.output)["items"]) == 3

@@ -165,3 +165,20 @@ def test_rerank_with_the_runs_relevance_tower(tmp_path):
     train_run(tiny_config(epochs=1, seed=9), run_dir, progress=False)
     with pytest.raises(ValueError, match="other retrieval weights"):
         export_run(run_dir)
+
+
+def test_inverted_filter_index_equals_a_scan():
+    import pandas as pd
+
+    from twotower.pipeline import _inverted, _matching
+
+    rng = np.random.default_rng(0)
+    tokens = ["a", "b", "c", "d"]
+    cells = ["|".join(rng.choice(tokens, rng.integers(1, 4), replace=False)) for _ in range(300)]
+    cells += [None, float("nan"), 7, "7", "a|a"]
+    inverted = _inverted(cells)
+    for values in (["a"], ["b", "d"], ["7"], [7], ["a|b"], ["zz"]):
+        want = _matching(pd.Series(cells, dtype=object), values)
+        hits = [inverted[str(v)] for v in values if str(v) in inverted]
+        got = np.unique(np.concatenate(hits)) if hits else np.zeros(0, dtype=np.int64)
+        np.testing.assert_array_equal(got, want)

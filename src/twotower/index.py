@@ -203,7 +203,9 @@ class ItemIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         pairs = None if exclude is None else _exclusion_pairs(exclude, len(queries))
         if allowed is not None:
-            allowed = np.unique(np.asarray(allowed, dtype=np.int64).reshape(-1))
+            allowed = np.asarray(allowed, dtype=np.int64).reshape(-1)
+            if not np.all(allowed[1:] > allowed[:-1]):  # already sorted and unique: skip the hash pass
+                allowed = np.unique(allowed)
             if allowed.size and (allowed[0] < 0 or allowed[-1] >= self.n_items):
                 raise ValueError(f"allowed ids must lie in [0, {self.n_items})")
         small = allowed is not None and len(allowed) <= self.config.allowed_exact_max

@@ -104,6 +104,9 @@ class Pipeline:
         specs = exported.user_encoder.specs
         self._id_column = next((s.column for s in specs if isinstance(s, IdFeature)), None)
         self._feature_columns = {s.column for s in specs}
+        # Filters on low-cardinality columns (genre, category, ...) are answered from an inverted index
+        # built here, once: a scan of a large catalogue would stall the first request of each value.
+        self._inverted = {c: _inverted(v) for c, v in self._meta_columns.items() if _low_cardinality(v)}
         self._filter_cache: dict[tuple[str, tuple], np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -189,6 +192,15 @@ class Pipeline:
             if table is None or column not in table.columns or column == "item_id":
                 columns = [] if table is None else sorted(c for c in table.columns if c != "item_id")
                 raise RequestError(f"cannot filter on {column!r}; item metadata columns: {columns}")
+            inverted = self._inverted.get(column)
+            if inverted is not None:
+                hits = [inverted[str(v)] for v in values if v is not None and str(v) in inverted]
+                if len(hits) == 1:
+                    match = hits[0]  # postings are sorted and unique already
+                else:
+                    match = np.unique(np.concatenate(hits)) if hits else np.zeros(0, dtype=np.int64)
+                allowed = match if allowed is None else np.intersect1d(allowed, match, assume_unique=True)
+                continue
             key = (column, tuple(sorted(map(str, values))))
             with self._lock:
                 match = self._filter_cache.get(key)
@@ -264,6 +276,32 @@ def _matching(column: pd.Series, values: list[Value]) -> np.ndarray:
 
     hits = np.fromiter((hit(v) for v in column.tolist()), dtype=bool, count=len(column))
     return np.flatnonzero(hits).astype(np.int64)
+
+
+def _cell_keys(cell: Any) -> list[str]:
+    """The filter values a cell matches: its text and, for 'a|b' cells, each token."""
+    if _missing(cell):
+        return []
+    text = str(cell)
+    return [text, *text.split("|")] if "|" in text else [text]
+
+
+def _low_cardinality(values: list[Any], limit: int = 10_000) -> bool:
+    seen: set[str] = set()
+    for cell in values:
+        seen.update(_cell_keys(cell))
+        if len(seen) > limit:
+            return False
+    return True
+
+
+def _inverted(values: list[Any]) -> dict[str, np.ndarray]:
+    """filter value -> sorted catalogue indices of the cells it matches (as :func:`_matching`)."""
+    postings: dict[str, list[int]] = {}
+    for item, cell in enumerate(values):
+        for key in set(_cell_keys(cell)):
+            postings.setdefault(key, []).append(item)
+    return {key: np.asarray(items, dtype=np.int64) for key, items in postings.items()}
 
 
 def _positions(ids: np.ndarray) -> dict[Any, int]:

@@ -19,6 +19,7 @@ too small for intra-op parallelism to pay, and spare cores are better spent on m
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -199,4 +200,8 @@ def serve(
     except ImportError:  # pragma: no cover - the exact backend needs no faiss
         pass
     app = create_app(source, retrieve_n=retrieve_n, index=index, allow_reload=allow_reload)
+    # The loaded model is millions of long-lived objects (id maps, metadata): move them out of the
+    # garbage collector's sight, or every full collection walks them all in the middle of a request.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

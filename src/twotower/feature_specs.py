@@ -1,0 +1,108 @@
+"""Feature specifications: what a feature is, declared in config (``type`` picks the kind).
+
+Each spec is a strict pydantic model (a misspelt key is an error). :class:`~twotower.features.
+FeatureEncoder` fits and applies them; :class:`FieldInfo` is what a tower needs to know about one
+encoded feature. See :mod:`twotower.features` for the index conventions of every kind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Literal, Self
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+__all__ = [
+    "BucketizedFeature",
+    "CategoricalFeature",
+    "FeatureSpec",
+    "FieldInfo",
+    "IdFeature",
+    "MultiHotFeature",
+    "NumericFeature",
+]
+
+
+class _FeatureBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="key of the feature in batches and in the model")
+    column: str | None = Field(None, description="DataFrame column to read; defaults to `name`")
+
+    @model_validator(mode="after")
+    def _default_column(self) -> Self:
+        if self.column is None:
+            self.column = self.name
+        return self
+
+
+class IdFeature(_FeatureBase):
+    """The entity's own id (user id on the user side, item id on the item side)."""
+
+    type: Literal["id"] = "id"
+    embedding_dim: int | None = Field(None, ge=1, description="None: the tower's default")
+    min_count: int = Field(1, ge=1)
+
+
+class CategoricalFeature(_FeatureBase):
+    """A single categorical value per row (gender, occupation, ...)."""
+
+    type: Literal["categorical"] = "categorical"
+    embedding_dim: int | None = Field(None, ge=1)
+    min_count: int = Field(1, ge=1)
+
+
+class MultiHotFeature(_FeatureBase):
+    """A set of values per row: a separator-joined string (``"Action|Comedy"``) or a list."""
+
+    type: Literal["multi_hot"] = "multi_hot"
+    separator: str = Field("|", min_length=1)
+    max_len: int | None = Field(None, ge=1, description="keep the first max_len tokens; None: no limit")
+    embedding_dim: int | None = Field(None, ge=1)
+    min_count: int = Field(1, ge=1)
+
+
+class NumericFeature(_FeatureBase):
+    """A real number, standardised with the fit data's mean and standard deviation."""
+
+    type: Literal["numeric"] = "numeric"
+    fill: float | None = Field(None, description="raw value used for missing cells; None: the mean")
+
+
+class BucketizedFeature(_FeatureBase):
+    """A real number mapped to a bucket, embedded like a categorical value."""
+
+    type: Literal["bucketized"] = "bucketized"
+    boundaries: list[float] | None = Field(None, description="explicit, strictly increasing")
+    num_buckets: int | None = Field(None, ge=2, description="quantile buckets fitted on the data")
+    embedding_dim: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.boundaries is None) == (self.num_buckets is None):
+            raise ValueError(f"feature {self.name!r}: give exactly one of 'boundaries' and 'num_buckets'")
+        if self.boundaries is not None:
+            b = self.boundaries
+            ok = bool(b) and all(math.isfinite(x) for x in b) and all(np.diff(b) > 0)
+            if not ok:
+                raise ValueError(f"feature {self.name!r}: boundaries must be finite and strictly increasing")
+        return self
+
+
+FeatureSpec = Annotated[
+    IdFeature | CategoricalFeature | MultiHotFeature | NumericFeature | BucketizedFeature,
+    Field(discriminator="type"),
+]
+_SPECS = TypeAdapter(list[FeatureSpec])
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """What a tower needs to know about one encoded feature."""
+
+    name: str
+    kind: Literal["categorical", "multi_hot", "numeric"]
+    cardinality: int  # rows of the embedding table, reserved indices included; 0 for numeric
+    embedding_dim: int | None
