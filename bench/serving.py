@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="http: seconds of load")
     parser.add_argument("--http-items", type=int, default=100_000, help="http: catalogue of the served run")
     parser.add_argument("--http-users", type=int, default=5_000, help="http: users of the served run")
+    parser.add_argument("--http-workers", type=int, default=2, help="http: server processes")
     parser.add_argument("--sizes", nargs="+", type=int, help="catalogue sizes (default 100000 1000000)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -2,13 +2,13 @@
 
 A retrieval run is trained on a synthetic world (``--http-items`` items), exported with the HNSW
 index, given a debiased ranker trained on simulated impressions (so each request runs the whole
-retrieve -> re-rank path), and served by ``twotower serve`` in its own process (one uvicorn worker,
-one torch thread). The load generator runs open-loop: request i is due at ``t0 + i / rate`` whatever
-happened to earlier ones, and its latency is measured from that due time, so a stalled server
-shows up as latency instead of silently lowering the offered rate (no coordinated omission). It
-stops by itself after ``duration`` seconds; every request has a 5 s timeout and anything but a 200
-counts as an error. The mix: 80 % known users, 15 % cold-start users from features, 5 % with a
-recent-item history and a genre filter.
+retrieve -> re-rank path), and served by ``twotower serve --workers 2`` (two uvicorn processes, one
+per core, one torch thread each). The load generator runs open-loop in its own process: request i
+is due at ``t0 + i / rate`` whatever happened to earlier ones, and its latency is measured from that
+due time, so a stalled server shows up as latency instead of silently lowering the offered rate (no
+coordinated omission). It stops by itself after ``duration`` seconds; every request has a 5 s
+timeout and anything but a 200 counts as an error. The mix: 80 % known users, 15 % cold-start users
+from features, 5 % with a recent-item history and a genre filter.
 """
 
 from __future__ import annotations
@@ -141,10 +141,11 @@ async def _drive(base: str, bodies: list[dict], rate: float) -> tuple[list[float
 _JSON = {"content-type": "application/json"}
 
 
-def load_test(run_dir: Path, rate: float, duration: float, seed: int = 0) -> dict:
+def load_test(run_dir: Path, rate: float, duration: float, seed: int = 0, workers: int = 2) -> dict:
     """Serve ``run_dir`` in a subprocess and offer ``rate`` requests/s for ``duration`` seconds."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "twotower.cli", "serve", str(run_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "twotower.cli", "serve", str(run_dir), "--port", str(port),
+           "--workers", str(workers)]  # fmt: skip
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -188,12 +189,13 @@ def load_test(run_dir: Path, rate: float, duration: float, seed: int = 0) -> dic
 def run_http_part(args, work: Path) -> list[dict]:
     run_dir = build_served_run(work, args.http_items, args.http_users)
     print(f"[http] load test: {args.rate} requests/s for {args.duration} s ...", flush=True)
-    res = load_test(run_dir, args.rate, args.duration)
+    res = load_test(run_dir, args.rate, args.duration, workers=args.http_workers)
     print(f"[http] {res}", flush=True)
     dataset = f"synthetic-{args.http_items // 1000}k"
     note = (
         f"{args.rate} req/s offered for {args.duration} s, open loop; index {res['index']}, "
-        f"re-rank with the relevance tower: {res['ranker']}; 1 uvicorn worker, 1 torch thread"
+        f"re-rank with the relevance tower: {res['ranker']}; {args.http_workers} uvicorn workers, "
+        "1 torch thread each"
     )
     rows = []
     for metric in ("p50_ms", "p95_ms", "p99_ms", "errors", "requests_per_s"):

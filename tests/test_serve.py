@@ -88,15 +88,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def server(runs):
-    """``twotower serve`` in its own process on a free loopback port."""
+def _start(run_dir, *extra):
+    """``twotower serve`` in its own process on a free loopback port: (process, base url)."""
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cli = [sys.executable, "-m", "twotower.cli", "serve", str(runs[0]), "--port", str(port)]
+    cli = [sys.executable, "-m", "twotower.cli", "serve", str(run_dir), "--port", str(port), *extra]
     process = subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
@@ -107,10 +106,36 @@ def server(runs):
             pytest.fail(f"the server exited: {process.stdout.read().decode()}")
     else:
         process.kill()
-        pytest.fail("the server did not come up in 60 s")
+        pytest.fail("the server did not come up in 90 s")
+    return process, base
+
+
+@pytest.fixture
+def server(runs):
+    process, base = _start(runs[0])
     yield base
     process.terminate()
     process.wait(timeout=10)
+
+
+def test_two_workers_follow_a_swap_and_sum_their_metrics(runs):
+    process, base = _start(runs[0], "--workers", "2")
+    try:
+        want_new = [i.item_id for i in load_pipeline(runs[1]).recommend(RecommendRequest(user_id=7)).items]
+        for _ in range(20):
+            assert httpx.post(f"{base}/recommend", json={"user_id": 7}).status_code == 200
+        assert httpx.post(f"{base}/admin/reload", json={"path": str(runs[1])}, timeout=60).status_code == 200
+        time.sleep(2.5)  # the other worker polls the shared control file every 0.5 s
+        answers = [httpx.post(f"{base}/recommend", json={"user_id": 7}).json() for _ in range(30)]
+        assert all([i["item_id"] for i in a["items"]] == want_new for a in answers)
+        text = httpx.get(f"{base}/metrics").text
+        line = next(
+            x for x in text.splitlines() if x.startswith('twotower_requests_total{route="/recommend"')
+        )
+        assert float(line.split()[-1]) >= 50  # both workers' requests, summed
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
 
 
 def test_real_server_end_to_end_and_hot_swap_without_dropping_requests(server, runs):

@@ -214,6 +214,7 @@ def serve(
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads per request"),
     index: str | None = typer.Option(None, "--index", help="index backend when the run is exported now"),
     no_reload: bool = typer.Option(False, "--no-reload", help="disable POST /admin/reload"),
+    workers: int = typer.Option(1, "--workers", min=1, help="server processes (one core each)"),
 ) -> None:
     """Serve POST /recommend, GET /healthz and GET /metrics over HTTP (FastAPI + uvicorn)."""
     from twotower.serve import serve as run_server
@@ -221,7 +222,7 @@ def serve(
     try:
         typer.echo(f"serving {path} on http://{host}:{port}")
         run_server(
-            path, host, port, retrieve_n, _index_config(index, []), threads, allow_reload=not no_reload
+            path, host, port, retrieve_n, _index_config(index, []), threads, not no_reload, workers=workers
         )
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))

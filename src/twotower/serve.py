@@ -19,10 +19,16 @@ too small for intra-op parallelism to pay, and spare cores are better spent on m
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import json
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import torch
@@ -30,13 +36,21 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 from twotower import __version__
 from twotower.export import load_export, resolve_export
 from twotower.index import IndexConfig
 from twotower.pipeline import Pipeline, RecommendRequest, RecommendResponse, RequestError
+from twotower.storage import read_json, write_json
 
 __all__ = ["ModelHolder", "ReloadRequest", "create_app", "load_pipeline", "serve"]
 
@@ -54,6 +68,7 @@ class ModelHolder:
 
     def __init__(self, source: Path, pipeline: Pipeline) -> None:
         self.source, self.pipeline = source, pipeline
+        self.generation = 0  # of the control file (multi-worker serving) last followed
         self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
 
     def swap(self, source: Path, retrieve_n: int, index: IndexConfig | None) -> Pipeline:
@@ -75,11 +90,24 @@ def create_app(
     index: IndexConfig | None = None,
     allow_reload: bool = True,
     pipeline: Pipeline | None = None,
+    control: str | Path | None = None,
 ) -> FastAPI:
-    """The service for a run or export directory (or an already loaded ``pipeline``)."""
+    """The service for a run or export directory (or an already loaded ``pipeline``).
+
+    ``control``: the directory that worker processes of one server share (see :func:`serve`); a swap
+    in any worker is written there and every other worker follows within a second.
+    """
     source = Path(source)
+    control_file = None if control is None else Path(control) / "model.json"
+    generation = 0
+    if control_file is not None and control_file.exists():  # a worker (re)started after a swap
+        state = read_json(control_file)
+        source, generation = Path(state["path"]), state["generation"]
     holder = ModelHolder(source, pipeline or load_pipeline(source, retrieve_n, index))
-    registry = CollectorRegistry()
+    holder.generation = generation
+    # Several worker processes share their metrics through prometheus_client's multiprocess files.
+    shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+    registry = None if shared else CollectorRegistry()
     requests = Counter(
         "twotower_requests", "HTTP requests by route and status", ["route", "status"], registry=registry
     )
@@ -87,7 +115,37 @@ def create_app(
         "twotower_request_latency_seconds", "request latency", ["route"], buckets=_BUCKETS, registry=registry
     )
     reloads = Counter("twotower_model_reloads", "successful model swaps", registry=registry)
-    app = FastAPI(title="twotower", version=__version__, description="Two-tower retrieval + debiased ranking")
+
+    async def follow() -> None:
+        """Swap in what another worker swapped in (polls the shared control file)."""
+        assert control_file is not None
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                state = read_json(control_file)
+            except (FileNotFoundError, ValueError):
+                continue
+            if state["generation"] > holder.generation:
+                holder.generation = state["generation"]
+                try:
+                    await run_in_threadpool(holder.swap, Path(state["path"]), retrieve_n, index)
+                    reloads.inc()
+                except (FileNotFoundError, ValueError) as exc:  # keep serving the model we have
+                    log.error("could not follow the swap to %s: %s", state["path"], exc)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(follow()) if control_file is not None else None
+        yield
+        if task is not None:
+            task.cancel()
+
+    app = FastAPI(
+        title="twotower",
+        version=__version__,
+        description="Two-tower retrieval + debiased ranking",
+        lifespan=lifespan,
+    )
     app.state.holder = holder
 
     async def measure(scope, receive, send, inner):  # type: ignore[no-untyped-def]
@@ -126,11 +184,14 @@ def create_app(
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
     @app.post("/recommend", response_model=RecommendResponse)
-    async def recommend(body: RecommendRequest) -> RecommendResponse:
+    async def recommend(body: RecommendRequest) -> Response:
         # Run on the event loop, not a worker thread: a request is ~1 ms of mostly Python work that
         # holds the GIL, so threads add switching and contention without adding parallelism.
         current = holder.pipeline  # read once: a concurrent swap cannot split this request
-        return current.recommend(body)
+        answer = current.recommend(body)
+        # Serialised by pydantic-core directly: returning the model would make FastAPI validate it
+        # again and encode it field by field (about a third of a request's time).
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -147,7 +208,11 @@ def create_app(
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        if registry is not None:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        merged = CollectorRegistry()  # every worker's counts, summed
+        multiprocess.MultiProcessCollector(merged)
+        return Response(generate_latest(merged), media_type=CONTENT_TYPE_LATEST)
 
     if allow_reload:
 
@@ -160,6 +225,9 @@ def create_app(
             except (FileNotFoundError, ValueError) as exc:
                 return JSONResponse(status_code=409, content={"detail": f"not swapped: {exc}"})  # type: ignore[return-value]
             reloads.inc()
+            if control_file is not None:  # tell the other workers
+                holder.generation = time.time_ns()
+                write_json(control_file, {"generation": holder.generation, "path": str(target)})
             log.warning("swapped in %s", fresh.model_id)
             return {"model": fresh.model_id, "seconds": round(time.perf_counter() - start, 3)}
 
@@ -179,6 +247,9 @@ class _Measure:
         await self.measure(scope, receive, send, self.app)
 
 
+_SETTINGS = "TWOTOWER_SERVE_SETTINGS"
+
+
 def serve(
     source: str | Path,
     host: str = "127.0.0.1",
@@ -188,20 +259,56 @@ def serve(
     threads: int = 1,
     allow_reload: bool = True,
     log_level: str = "warning",
+    workers: int = 1,
 ) -> None:
-    """Load the model once and serve it until interrupted."""
+    """Load the model once per worker process and serve it until interrupted.
+
+    With ``workers > 1`` uvicorn runs that many processes on one port (the GIL makes one process
+    use one core); they share a control directory so that a swap reaches all of them, and their
+    Prometheus metrics are summed.
+    """
     import uvicorn
 
-    torch.set_num_threads(threads)
-    try:  # FAISS's OpenMP team would spin against torch's on a small machine: one thread per search
+    # Export once, here, rather than racing to export in every worker.
+    settings = {
+        "source": str(resolve_export(source, index)),
+        "retrieve_n": retrieve_n,
+        "threads": threads,
+        "index": None if index is None else index.model_dump(),
+        "allow_reload": allow_reload,
+    }
+    if workers == 1:
+        uvicorn.run(_app_from(settings), host=host, port=port, log_level=log_level, access_log=False)
+        return
+    control = Path(tempfile.mkdtemp(prefix="twotower-serve-"))
+    try:
+        (control / "metrics").mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(control / "metrics")
+        os.environ[_SETTINGS] = json.dumps({**settings, "control": str(control)})
+        uvicorn.run("twotower.serve:worker_app", factory=True, workers=workers, host=host, port=port,
+                    log_level=log_level, access_log=False)  # fmt: skip
+    finally:
+        shutil.rmtree(control, ignore_errors=True)
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process (uvicorn calls this factory in each)."""
+    return _app_from(json.loads(os.environ[_SETTINGS]))
+
+
+def _app_from(settings: dict) -> FastAPI:
+    torch.set_num_threads(settings["threads"])
+    try:  # FAISS's OpenMP team would spin against torch's on a small machine
         import faiss
 
-        faiss.omp_set_num_threads(threads)
+        faiss.omp_set_num_threads(settings["threads"])
     except ImportError:  # pragma: no cover - the exact backend needs no faiss
         pass
-    app = create_app(source, retrieve_n=retrieve_n, index=index, allow_reload=allow_reload)
+    index = None if settings["index"] is None else IndexConfig.model_validate(settings["index"])
+    app = create_app(settings["source"], settings["retrieve_n"], index, settings["allow_reload"],
+                     control=settings.get("control"))  # fmt: skip
     # The loaded model is millions of long-lived objects (id maps, metadata): move them out of the
     # garbage collector's sight, or every full collection walks them all in the middle of a request.
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    return app
