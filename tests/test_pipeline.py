@@ -161,6 +161,38 @@ def test_rerank_with_the_runs_relevance_tower(tmp_path):
     logits = ranker.score(query, idx, exported.item_embeddings[idx])[0]
     best = [plain.items[j].item_id for j in torch.argsort(-logits)[:10].tolist()]
     assert [i.item_id for i in answer.items] == best
+    # a light ranker in front: retrieval 60 -> light ranker keeps 20 -> main ranker -> 10
+    light_cfg = tmp_path / "light.yaml"
+    light_cfg.write_text(
+        "columns: {user: user_id, context: [device]}\nranker: {layers: [16]}\ntrain: {epochs: 1}\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-ranker",
+            str(run_dir),
+            str(tmp_path / "log.csv"),
+            "--config",
+            str(light_cfg),
+            "--light",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    exported = load_export(export_run(run_dir))
+    assert exported.light_ranker is not None and exported.manifest["light_ranker"]
+    funnel = Pipeline(exported, retrieve_n=60, light_n=20)
+    answer = funnel.recommend(RecommendRequest(user_id=3, k=10))
+    assert answer.reranked and all(
+        i.light_score is not None and i.rank_score is not None for i in answer.items
+    )
+    retrieved = funnel.recommend(RecommendRequest(user_id=3, k=60, rerank=False))
+    idx = torch.as_tensor([funnel.item_indices([i.item_id])[0][0] for i in retrieved.items])[None]
+    light_logits = exported.light_ranker.score(query, idx, exported.item_embeddings[idx])[0]
+    shortlist = idx[0, torch.argsort(-light_logits)[:20]][None]
+    main_logits = ranker.score(query, shortlist, exported.item_embeddings[shortlist])[0]
+    want = exported.item_ids[shortlist[0, torch.argsort(-main_logits)[:10]].numpy()].tolist()
+    assert [i.item_id for i in answer.items] == want
     # a ranker trained on other retrieval weights is refused, not silently used
     train_run(tiny_config(epochs=1, seed=9), run_dir, progress=False)
     with pytest.raises(ValueError, match="other retrieval weights"):

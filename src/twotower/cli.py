@@ -157,19 +157,23 @@ def train_ranker(
     config: Path | None = typer.Option(None, "--config", help="ranker config (YAML); default: defaults"),
     set_: list[str] = typer.Option([], "--set", help="override a key: --set train.epochs=3 (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    light: bool = typer.Option(
+        False, "--light", help="train the light ranker (between retrieval and ranker)"
+    ),
 ) -> None:
     """Train the run's debiased ranker (relevance + bias towers) on a logged impression file."""
     from twotower.reranker import RunRanker, RunRankerConfig, train_run_ranker
 
     try:
         cfg = load_config(config, set_, model=RunRankerConfig)
-        summary = train_run_ranker(run_dir, impressions, cfg, progress=not quiet)
+        stage = "light_ranker" if light else "ranker"
+        summary = train_run_ranker(run_dir, impressions, cfg, progress=not quiet, stage=stage)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return
     typer.echo(f"ranker: {summary['ranker_dir']}")
     _print_metrics({k: v for k, v in summary.items() if k != "ranker_dir"})
-    ranker = RunRanker.load(run_dir)
+    ranker = RunRanker.load(run_dir, stage)
     if ranker is not None and ranker.examination_curve:
         typer.echo("learned examination, relative to position 1:")
         for context, curve in ranker.examination_curve.items():
@@ -210,7 +214,13 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1", help="interface to bind"),
     port: int = typer.Option(8000, help="TCP port"),
-    retrieve_n: int = typer.Option(100, "--retrieve-n", min=1, help="candidates passed to the ranker"),
+    retrieve_n: int | None = typer.Option(
+        None,
+        "--retrieve-n",
+        min=1,
+        help="candidates from the index (default 500 with a light ranker, else 100)",
+    ),
+    light_n: int = typer.Option(100, "--light-n", min=1, help="candidates the light ranker passes on"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads per request"),
     index: str | None = typer.Option(None, "--index", help="index backend when the run is exported now"),
     no_reload: bool = typer.Option(False, "--no-reload", help="disable POST /admin/reload"),
@@ -222,7 +232,15 @@ def serve(
     try:
         typer.echo(f"serving {path} on http://{host}:{port}")
         run_server(
-            path, host, port, retrieve_n, _index_config(index, []), threads, not no_reload, workers=workers
+            path,
+            host,
+            port,
+            retrieve_n,
+            _index_config(index, []),
+            threads,
+            not no_reload,
+            workers=workers,
+            light_n=light_n,
         )
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))

@@ -11,6 +11,7 @@
     items.parquet            item metadata in catalogue order, when the run has an item table
     index/                   the item index (``twotower.index``), built with the training similarity
     ranker/                  the run's debiased ranker, when it has one (only its relevance tower runs)
+    light_ranker/            the run's light ranker, when it has one (cuts candidates before the ranker)
     query_tower.onnx         optional, checked against PyTorch at export
 
 The directory is assembled beside its destination and renamed into place, so a reader (e.g. a
@@ -81,12 +82,14 @@ def export_run(
         log.info(
             "index %s built in %.1fs: %s", index_config.backend, time.perf_counter() - t0, built.build_report
         )
-        from twotower.reranker import RunRanker, sha256_file
+        from twotower.reranker import STAGES, RunRanker, sha256_file
 
-        # Loading checks the ranker sits on these very retrieval weights before it ships.
-        has_ranker = RunRanker.load(run_dir) is not None
-        if has_ranker:
-            shutil.copytree(run_dir / "ranker", staging / "ranker")
+        # Loading checks each ranker sits on these very retrieval weights before it ships.
+        stages = {stage: RunRanker.load(run_dir, stage) is not None for stage in STAGES}
+        for stage, present in stages.items():
+            if present:
+                shutil.copytree(run_dir / stage, staging / stage)
+        has_ranker = stages["ranker"]
         onnx_report = None
         if onnx:
             from twotower.onnx_export import export_onnx
@@ -112,6 +115,7 @@ def export_run(
             },
             "index": {"backend": index_config.backend, "report": built.build_report},
             "ranker": has_ranker,
+            "light_ranker": stages["light_ranker"],
             "retrieval_sha256": sha256_file(run_dir / "model.safetensors"),
             "onnx": onnx_report,
             "files": _hashes(staging),
@@ -139,7 +143,8 @@ class ExportedRun:
     items: pd.DataFrame | None
     seen: CSR
     index: ItemIndex
-    ranker: Any  # twotower.reranker.RunRanker | None
+    ranker: Any  # twotower.reranker.RunRanker | None: the main ranker
+    light_ranker: Any = None  # the light ranker between retrieval and the main one, when the run has it
 
     @property
     def similarity(self) -> str:
@@ -181,13 +186,16 @@ def load_export(path: str | Path, verify: bool = True) -> ExportedRun:
     items = load_tensors(path / "items.safetensors")["embeddings"]
     seen = load_tensors(path / "seen.safetensors")
     index = ItemIndex.load(path / "index", manifest["similarity"])
-    ranker = None
-    if manifest["ranker"]:
-        from twotower.reranker import RunRanker
+    from twotower.reranker import RunRanker
 
-        ranker = RunRanker.load_dir(
-            path / "ranker", manifest["embedding_dim"], manifest["num_items"], manifest["retrieval_sha256"]
+    rankers = {
+        stage: RunRanker.load_dir(
+            path / stage, manifest["embedding_dim"], manifest["num_items"], manifest["retrieval_sha256"]
         )
+        if manifest.get(stage)
+        else None
+        for stage in ("ranker", "light_ranker")
+    }
     metadata = pd.read_parquet(path / "items.parquet") if (path / "items.parquet").exists() else None
     return ExportedRun(
         path=path,
@@ -201,7 +209,8 @@ def load_export(path: str | Path, verify: bool = True) -> ExportedRun:
         items=metadata,
         seen=CSR(seen["indptr"], seen["indices"]),
         index=index,
-        ranker=ranker,
+        ranker=rankers["ranker"],
+        light_ranker=rankers["light_ranker"],
     )
 
 

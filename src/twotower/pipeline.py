@@ -9,11 +9,13 @@ user's recent items. The pipeline
 2. retrieves ``retrieve_n`` candidates from the item index (the training similarity; cosine through
    unit vectors), never returning excluded items (training items and recent items when
    ``exclude_seen``, plus ``exclude_items``) and only items passing the filters;
-3. re-ranks them with the run's debiased relevance tower when it has one (no position, no bias
-   features: only the relevance tower runs at inference), and answers the top ``k``.
+3. cuts them to ``light_n`` with the run's light ranker when it has one, re-ranks those with the
+   run's debiased relevance tower when it has one (no position, no bias features: only the relevance
+   tower runs at inference), and answers the top ``k``.
 
 Scores: ``retrieval_score`` = similarity / temperature (what the model was trained on);
-``rank_score`` = the relevance logit when re-ranked; ``score`` is the one the list is sorted by.
+``light_score`` and ``rank_score`` = the light and main rankers' relevance logits when they ran;
+``score`` is the one the list is sorted by (the last stage's).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class RecommendedItem(BaseModel):
     item_id: str | int
     score: float
     retrieval_score: float
+    light_score: float | None = None
     rank_score: float | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -85,9 +88,12 @@ class RecommendResponse(BaseModel):
 class Pipeline:
     """A loaded export answering :class:`RecommendRequest`; thread-safe for concurrent requests."""
 
-    def __init__(self, exported: ExportedRun, retrieve_n: int = 100) -> None:
+    def __init__(self, exported: ExportedRun, retrieve_n: int | None = None, light_n: int = 100) -> None:
+        """``retrieve_n`` candidates come from the index (default: 500 with a light ranker, else 100);
+        the light ranker, when there is one, passes its best ``light_n`` to the main ranker."""
         self.exported = exported
-        self.retrieve_n = retrieve_n
+        self.retrieve_n = retrieve_n or (500 if exported.light_ranker is not None else 100)
+        self.light_n = light_n
         # Plain dicts: a hash lookup per id, where a pandas indexer call costs tens of microseconds.
         self.user_pos = _positions(exported.user_ids)
         self.item_pos = _positions(exported.item_ids)
@@ -226,8 +232,14 @@ class Pipeline:
                 excluded += exported.seen.row(user).tolist()
             excluded += events
         excluded += self.item_indices(request.exclude_items)[0]
-        rerank = request.rerank and exported.ranker is not None
-        n = max(request.k, self.retrieve_n) if rerank else request.k
+        light = exported.light_ranker if request.rerank else None
+        main = exported.ranker if request.rerank else None
+        # Retrieve enough for the stages that follow: each keeps its share, the last one k.
+        n = request.k
+        if main is not None:
+            n = max(n, self.light_n if light is not None else self.retrieve_n)
+        if light is not None:
+            n = max(n, self.retrieve_n)
         allowed = self._allowed(request.filters)
         # Dividing the query (not the scores) by the temperature is what training does: the scores
         # are then bit-for-bit the trained model's, and the order is the inner product's.
@@ -239,27 +251,34 @@ class Pipeline:
         )
         keep = ids[0] >= 0
         ids, retrieval = ids[0][keep], retrieval[0][keep]
-        order, rank_scores = np.arange(len(ids)), None
-        if rerank and len(ids):
-            item_idx = torch.from_numpy(ids)[None]
-            logits = exported.ranker.score(query, item_idx, exported.item_embeddings[item_idx])[0].numpy()
-            order = np.lexsort((ids, -logits))  # by relevance, ties towards the lower index
-            rank_scores = logits
+        scores: dict[str, np.ndarray] = {"retrieval": retrieval}
+        order = np.arange(len(ids))
+        for name, ranker, keep_n in (("light", light, self.light_n if main is not None else request.k),
+                                     ("rank", main, request.k)):  # fmt: skip
+            if ranker is None or not len(order):
+                continue
+            item_idx = torch.from_numpy(ids[order])[None]
+            logits = ranker.score(query, item_idx, exported.item_embeddings[item_idx])[0].numpy()
+            scores[name] = np.full(len(ids), np.nan, dtype=np.float32)
+            scores[name][order] = logits
+            order = order[np.lexsort((ids[order], -logits))][:keep_n]  # ties towards the lower index
+        final = "rank" if "rank" in scores else "light" if "light" in scores else "retrieval"
         order = order[: request.k]
         items = [
             RecommendedItem(
-                item_id=_plain(exported.item_ids[i]),
-                score=float(rank_scores[j] if rank_scores is not None else retrieval[j]),
+                item_id=_plain(exported.item_ids[ids[j]]),
+                score=float(scores[final][j]),
                 retrieval_score=float(retrieval[j]),
-                rank_score=None if rank_scores is None else float(rank_scores[j]),
-                metadata=self._metadata(int(i)),
+                light_score=float(scores["light"][j]) if "light" in scores else None,
+                rank_score=float(scores["rank"][j]) if "rank" in scores else None,
+                metadata=self._metadata(int(ids[j])),
             )
-            for j, i in ((int(j), ids[j]) for j in order)
+            for j in order.tolist()
         ]
         return RecommendResponse(
             user_id=request.user_id,
             path="known" if user >= 0 else "cold_start",
-            reranked=rerank,
+            reranked=final != "retrieval",
             items=items,
             ignored_history=ignored,
             model=self.model_id,

@@ -65,6 +65,9 @@ log = logging.getLogger("twotower")
 
 FORMAT = "twotower.ranker/1"
 RANKER_DIR = "ranker"
+# Funnel stages a run may hold a ranker for: the main ranker, and a light one run between retrieval and
+# it (same model family, a smaller config) that cuts many retrieved candidates to a few.
+STAGES = ("ranker", "light_ranker")
 CONTEXT = "device"  # the bias tower's key for the context feature (file column names may not be valid keys)
 
 
@@ -142,10 +145,10 @@ class RunRanker:
         logits = self.model.score(pair_features(user_emb, item_emb), item_idx.clamp(min=0))
         return logits.masked_fill(item_idx < 0, float("-inf"))
 
-    def save(self, run_dir: str | Path) -> Path:
-        """Write ``run_dir/ranker/`` whole: staged in a hidden sibling, then renamed into place."""
+    def save(self, run_dir: str | Path, stage: str = RANKER_DIR) -> Path:
+        """Write ``run_dir/<stage>/`` whole: staged in a hidden sibling, then renamed into place."""
         run_dir = Path(run_dir)
-        target = run_dir / RANKER_DIR
+        target = run_dir / _stage_dir(stage)
         stage = Path(tempfile.mkdtemp(prefix=".ranker-", dir=run_dir))
         try:
             token = uuid.uuid4().hex
@@ -175,10 +178,10 @@ class RunRanker:
         return target
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> RunRanker | None:
+    def load(cls, run_dir: str | Path, stage: str = RANKER_DIR) -> RunRanker | None:
         """The run's ranker, or None when it has none; :class:`RankerFormatError` when it is broken."""
         run_dir = Path(run_dir)
-        where = run_dir / RANKER_DIR
+        where = run_dir / _stage_dir(stage)
         if not where.exists():
             return None
         try:
@@ -252,6 +255,12 @@ def _build(
     model = DebiasedRanker(3 * dim, num_items, num_positions, {CONTEXT: num_context}, config)
     model.relevance = Standardised(model.relevance, 3 * dim)
     return model
+
+
+def _stage_dir(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"unknown ranker stage {stage!r}; choose one of {STAGES}")
+    return stage
 
 
 def sha256_file(path: Path) -> str:
@@ -394,10 +403,16 @@ def _curves(model: DebiasedRanker, sample: dict[str, Tensor]) -> list[list[float
 
 
 def train_run_ranker(
-    run_dir: str | Path, impressions_path: str | Path, config: RunRankerConfig, progress: bool = False
+    run_dir: str | Path,
+    impressions_path: str | Path,
+    config: RunRankerConfig,
+    progress: bool = False,
+    stage: str = RANKER_DIR,
 ) -> dict[str, Any]:
-    """Train the run's ranker on an impression log and save it to ``run_dir/ranker/``; the summary."""
+    """Train one of the run's rankers (``stage``: "ranker" or "light_ranker") on an impression log and
+    save it to ``run_dir/<stage>/``; returns the training summary."""
+    _stage_dir(stage)  # an unknown stage fails before the training, not after
     ranker, summary = fit_run_ranker(run_dir, impressions_path, config, progress)
-    where = ranker.save(run_dir)
-    log.info("ranker saved to %s: %s", where, summary)
+    where = ranker.save(run_dir, stage)
+    log.info("%s saved to %s: %s", stage, where, summary)
     return {**summary, "ranker_dir": str(where)}

@@ -58,9 +58,11 @@ log = logging.getLogger("twotower")
 _BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
-def load_pipeline(path: str | Path, retrieve_n: int = 100, index: IndexConfig | None = None) -> Pipeline:
+def load_pipeline(
+    path: str | Path, retrieve_n: int | None = None, index: IndexConfig | None = None, light_n: int = 100
+) -> Pipeline:
     """The pipeline of a run directory or an export (a run without an export is exported first)."""
-    return Pipeline(load_export(resolve_export(path, index)), retrieve_n=retrieve_n)
+    return Pipeline(load_export(resolve_export(path, index)), retrieve_n=retrieve_n, light_n=light_n)
 
 
 class ModelHolder:
@@ -71,9 +73,9 @@ class ModelHolder:
         self.generation = 0  # of the control file (multi-worker serving) last followed
         self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
 
-    def swap(self, source: Path, retrieve_n: int, index: IndexConfig | None) -> Pipeline:
+    def swap(self, source: Path, retrieve_n: int | None, index: IndexConfig | None, light_n: int) -> Pipeline:
         with self._reload_lock:
-            fresh = load_pipeline(source, retrieve_n, index)  # the old pipeline keeps serving meanwhile
+            fresh = load_pipeline(source, retrieve_n, index, light_n)  # the old one keeps serving meanwhile
             self.source, self.pipeline = source, fresh
             return fresh
 
@@ -86,11 +88,12 @@ class ReloadRequest(BaseModel):
 
 def create_app(
     source: str | Path,
-    retrieve_n: int = 100,
+    retrieve_n: int | None = None,
     index: IndexConfig | None = None,
     allow_reload: bool = True,
     pipeline: Pipeline | None = None,
     control: str | Path | None = None,
+    light_n: int = 100,
 ) -> FastAPI:
     """The service for a run or export directory (or an already loaded ``pipeline``).
 
@@ -103,7 +106,7 @@ def create_app(
     if control_file is not None and control_file.exists():  # a worker (re)started after a swap
         state = read_json(control_file)
         source, generation = Path(state["path"]), state["generation"]
-    holder = ModelHolder(source, pipeline or load_pipeline(source, retrieve_n, index))
+    holder = ModelHolder(source, pipeline or load_pipeline(source, retrieve_n, index, light_n))
     holder.generation = generation
     # Several worker processes share their metrics through prometheus_client's multiprocess files.
     shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ
@@ -128,7 +131,7 @@ def create_app(
             if state["generation"] > holder.generation:
                 holder.generation = state["generation"]
                 try:
-                    await run_in_threadpool(holder.swap, Path(state["path"]), retrieve_n, index)
+                    await run_in_threadpool(holder.swap, Path(state["path"]), retrieve_n, index, light_n)
                     reloads.inc()
                 except (FileNotFoundError, ValueError) as exc:  # keep serving the model we have
                     log.error("could not follow the swap to %s: %s", state["path"], exc)
@@ -221,7 +224,7 @@ def create_app(
             target = Path(body.path) if body is not None and body.path else holder.source
             start = time.perf_counter()
             try:
-                fresh = await run_in_threadpool(holder.swap, target, retrieve_n, index)
+                fresh = await run_in_threadpool(holder.swap, target, retrieve_n, index, light_n)
             except (FileNotFoundError, ValueError) as exc:
                 return JSONResponse(status_code=409, content={"detail": f"not swapped: {exc}"})  # type: ignore[return-value]
             reloads.inc()
@@ -254,12 +257,13 @@ def serve(
     source: str | Path,
     host: str = "127.0.0.1",
     port: int = 8000,
-    retrieve_n: int = 100,
+    retrieve_n: int | None = None,
     index: IndexConfig | None = None,
     threads: int = 1,
     allow_reload: bool = True,
     log_level: str = "warning",
     workers: int = 1,
+    light_n: int = 100,
 ) -> None:
     """Load the model once per worker process and serve it until interrupted.
 
@@ -273,6 +277,7 @@ def serve(
     settings = {
         "source": str(resolve_export(source, index)),
         "retrieve_n": retrieve_n,
+        "light_n": light_n,
         "threads": threads,
         "index": None if index is None else index.model_dump(),
         "allow_reload": allow_reload,
@@ -306,6 +311,7 @@ def _app_from(settings: dict) -> FastAPI:
         pass
     index = None if settings["index"] is None else IndexConfig.model_validate(settings["index"])
     app = create_app(settings["source"], settings["retrieve_n"], index, settings["allow_reload"],
+                     light_n=settings["light_n"],
                      control=settings.get("control"))  # fmt: skip
     # The loaded model is millions of long-lived objects (id maps, metadata): move them out of the
     # garbage collector's sight, or every full collection walks them all in the middle of a request.
