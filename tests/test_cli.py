@@ -82,3 +82,14 @@ def test_export_command_builds_the_named_index(tmp_path):
     assert bad.exit_code == 2 and "ef_serch" in bad.output
     result = runner.invoke(app, ["recommend", str(run_dir / "export"), "--user", "3", "--json", "-k", "3"])
     assert result.exit_code == 0 and len(json.loads(result.output)["items"]) == 3
+
+
+def test_report_command(tmp_path):
+    config = _write_config(tmp_path)
+    run_dir = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(config), "--run-dir", str(run_dir), "--quiet"]).exit_code == 0
+    result = runner.invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "report.html").exists() and "report.html" in result.output
+    bad = runner.invoke(app, ["report", str(tmp_path)])
+    assert bad.exit_code == 2

@@ -247,6 +247,23 @@ def serve(
 
 
 @app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a run directory", exists=True, file_okay=False),
+    out: Path | None = typer.Option(None, "--out", help="default: RUN_DIR/report.html"),
+) -> None:
+    """Write RUN_DIR/report.html (training curves, recall@K, examination curves) and print the headline."""
+    from twotower.report import build_report, summary_table
+
+    try:
+        path = build_report(run_dir, out)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(summary_table(run_dir))
+    typer.echo(f"report: {path}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="where the demo run is written"),
     quick: bool = typer.Option(False, "--quick", help="a smaller world and fewer epochs (seconds)"),

@@ -17,6 +17,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -50,8 +51,7 @@ _FILES = {
 # What a section says when its data is missing, and how to get it (trusted HTML).
 _HOW = {
     "config": "No config.yaml: <code>twotower train</code> writes one into every run.",
-    "metrics": "No metrics.json: the run has not finished (<code>twotower evaluate RUN_DIR</code> evaluates "
-    "a trained model).",
+    "metrics": "No metrics.json: the run has not finished (or run <code>twotower evaluate RUN_DIR</code>).",
     "history": "No history.json: training writes it when it ends (<code>--resume</code> finishes a run).",
     "valid": "No validation metrics: the protocol has no validation split of its own; set "
     "<code>train.valid_fraction</code> (e.g. 0.1) to hold out training rows.",
@@ -72,11 +72,12 @@ def _layout_ok(key: str, value: Any) -> bool:
         return isinstance(value, list) and all(isinstance(r, dict) and _number(r.get("epoch")) for r in value)
     if not isinstance(value, dict):
         return False
-    if key == "ranker":
+    if key == "ranker":  # curves must be lists of numbers to be drawn
         curves = value.get("examination_curve") or {}
-        if value.get("format") != RANKER_FORMAT or not isinstance(curves, dict):
-            return False
-        return all(isinstance(c, list) and c and all(map(_number, c)) for c in curves.values())
+        valid = isinstance(curves, dict) and all(
+            isinstance(c, list) and c and all(map(_number, c)) for c in curves.values()
+        )
+        return value.get("format") == RANKER_FORMAT and valid
     return key != "demo" or isinstance(value.get("metrics"), dict)
 
 
@@ -150,11 +151,20 @@ def _plain(text: str) -> str:
     return " " + text if text.startswith("_") else text
 
 
+def _figure(width: float, height: float) -> Figure:
+    """Fixed margins, in inches: a layout engine would double the time to draw (a second on 2 cores)."""
+    fig = Figure(figsize=(width, height))
+    left, bottom, right, top = 0.75 / width, 0.55 / height, 0.15 / width, 0.35 / height
+    fig.subplots_adjust(left, bottom, 1 - right, 1 - top, wspace=0.3, hspace=0.5)
+    return fig
+
+
 class _Charts:
     """The report's PNG folder, and which charts this build wrote (any other one there is stale)."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.written = folder, set()
+        self.folder = folder
+        self.written: set[str] = set()
 
     def save(self, fig: Figure, name: str, alt: str) -> str:
         """Write the chart atomically; return its <img> tag (a path relative to the HTML file)."""
@@ -167,7 +177,7 @@ class _Charts:
         fig.savefig(buffer, format="png", dpi=110)
         atomic_write_bytes(self.folder / name, buffer.getvalue())
         self.written.add(name)
-        return f'<img src="{html.escape(self.folder.name)}/{name}" alt="{html.escape(alt)}">'
+        return f'<img src="{html.escape(quote(self.folder.name))}/{name}" alt="{html.escape(alt)}">'
 
 
 # -------------------------------------------------------------------------------------- sections
@@ -218,7 +228,10 @@ def _summary(run: dict[str, Any]) -> str:
                  f"({html.escape(_fmt(metrics.get('n_queries')))} queries, full catalogue):</p>")  # fmt: skip
     methods = _comparison(run)
     names = list(dict.fromkeys(k for values in methods.values() for k in values))
-    parts.append(_table(["metric", *methods], [[n, *(v.get(n) for v in methods.values())] for n in names]))
+    if names:
+        parts.append(
+            _table(["metric", *methods], [[n, *(v.get(n) for v in methods.values())] for n in names])
+        )
     facts = [[k, v] for k, v in metrics.items() if not _QUALITY.match(k) and k != "protocol"]
     return "".join([*parts, _table(["run", "value"], facts)])
 
@@ -228,19 +241,24 @@ def _training(run: dict[str, Any], charts: _Charts) -> str:
     if not history:
         return _missing("history", run)
     valid = list(dict.fromkeys(k for r in history for k in r if k.startswith("valid_")))
-    panels = ["loss", *valid]
+    panels: dict[str, list[str]] = {"loss": ["loss"]}
+    for key in valid:  # one panel per metric, one line per cut-off: valid_ndcg@5 and @10 share "ndcg"
+        panels.setdefault(key.removeprefix("valid_").split("@")[0], []).append(key)
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(4.2 * cols, 2.9 * rows), layout="constrained")
+    fig = _figure(4.2 * cols, 2.9 * rows)
     best = _get(run["metrics"], "best_epoch")
-    for i, key in enumerate(panels):
+    for i, (title, keys) in enumerate(panels.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        values = [float(r[key]) if _number(r.get(key)) else math.nan for r in history]
-        ax.plot([r["epoch"] for r in history], values, marker="o", ms=3)
+        for key in keys:
+            values = [float(r[key]) if _number(r.get(key)) else math.nan for r in history]
+            label = _plain("@" + key.split("@")[1]) if len(keys) > 1 and "@" in key else None
+            ax.plot([r["epoch"] for r in history], values, marker="o", ms=3, label=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if _number(best):  # the epoch whose weights early stopping kept
             ax.axvline(best, color="grey", ls=":", lw=1)
-        ax.set_title(_plain(key.replace("valid_", "validation ")), fontsize=9)
+        name = title if len(keys) > 1 else keys[0].removeprefix("valid_")
+        ax.set_title(_plain(name if name == "loss" else f"validation {name}"), fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
     parts = [charts.save(fig, "training.png", "training loss and validation metrics per epoch")]
@@ -262,7 +280,7 @@ def _recall(run: dict[str, Any], curves: dict[str, dict[int, float]], charts: _C
         return _missing("recall")
     kind = "top-K accuracy" if any(k.startswith("top") for k in (run["metrics"] or {})) else "recall@K"
     lines = ({f"this run ({kind})": own} if own else {}) | curves
-    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    fig = _figure(6.5, 4.2)
     ax = fig.add_subplot()
     for label, points in lines.items():
         ax.plot(sorted(points), [points[k] for k in sorted(points)], marker="o", label=_plain(label))
@@ -272,8 +290,7 @@ def _recall(run: dict[str, Any], curves: dict[str, dict[int, float]], charts: _C
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set(xlabel="K (cut-off)", ylabel="recall@K", ylim=(0, None))
     img = charts.save(fig, "recall.png", "recall at each cut-off K")
-    rows = [[label, *(points.get(k) for k in ks)] for label, points in lines.items()]
-    return img + _table(["model", *(f"@{k}" for k in ks)], rows)
+    return img + _table(["model", *(f"@{k}" for k in ks)], [[n, *map(p.get, ks)] for n, p in lines.items()])
 
 
 def _examination(run: dict[str, Any], truth: dict[str, list[float]], charts: _Charts) -> str:
@@ -284,7 +301,7 @@ def _examination(run: dict[str, Any], truth: dict[str, list[float]], charts: _Ch
         return "".join(parts)
     # Learned curves are relative to position 1 (reranker._curves): the true ones are scaled the same way.
     scaled = {c: [v / values[0] for v in values] if values[0] > 0 else values for c, values in truth.items()}
-    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    fig = _figure(6.5, 4.2)
     ax = fig.add_subplot()
     for i, context in enumerate(dict.fromkeys([*learned, *scaled])):
         for curves, style, kind in ((learned, "-o", "learned"), (scaled, "--", "true")):
@@ -330,8 +347,9 @@ def _check_extra(extra: dict[str, Any] | None) -> dict[str, Any]:
         given = (extra.get("recall_curves") or {}).items()
         curves = {str(c): {int(k): float(v) for k, v in p.items()} for c, p in given}
         truth = {str(c): [float(v) for v in p] for c, p in (extra.get("true_examination") or {}).items()}
-        if not (all(curves.values()) and all(truth.values())):
-            raise ValueError("a curve is empty")
+        cut_offs = [k for points in curves.values() for k in points]
+        if not all([*curves.values(), *truth.values()]) or any(k < 1 for k in cut_offs):
+            raise ValueError("a curve is empty or has a cut-off K < 1")
     except (AttributeError, TypeError, ValueError) as exc:
         raise ValueError(f"extra recall_curves must be {{label: {{K: value}}}} and true_examination "
                          f"{{context: [value per position]}}, none empty: {exc}") from None  # fmt: skip
@@ -353,17 +371,18 @@ def _open_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
 def build_report(
     run_dir: str | Path, out: str | Path | None = None, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write the run's HTML report (``out``, default ``RUN_DIR/report.html``; a directory means
-    ``out/report.html``) with its charts in the folder beside it named after it (``report/``); its path.
+    """Write the run's HTML report and return its path.
 
-    ``extra`` may hold ``recall_curves`` ``{label: {K: value}}``, ``true_examination`` ``{context: [value
-    per position]}``, ``funnel`` ``{stage: {metric: value}}`` and ``notes`` ``[str]``."""
+    ``out`` is the HTML file (default ``RUN_DIR/report.html``; an existing directory gets a report.html);
+    the charts go in the folder beside it named after it (``report/``). ``extra`` may hold
+    ``recall_curves`` ``{label: {K: value}}``, ``true_examination`` ``{context: [value per position]}``,
+    ``funnel`` ``{stage: {metric: value}}`` and ``notes`` ``[str]``.
+    """
     root, run = _open_run(run_dir)
     more = _check_extra(extra)
     path = root / "report.html" if out is None else Path(out)
-    path = path / "report.html" if path.is_dir() else path
-    charts = _Charts(path.parent / path.stem)
-    charts.folder.mkdir(parents=True, exist_ok=True)
+    path = path / "report.html" if path.is_dir() else path if path.suffix else path.with_suffix(".html")
+    charts = _Charts(path.parent / path.stem)  # created by the first chart written
     sections = [
         ("summary", "Summary", _summary(run)),
         ("training", "Training curves", _training(run, charts)),
