@@ -27,6 +27,8 @@ from twotower.ranking import DebiasedRanker, RankerConfig
 from twotower.recommender import Retriever
 from twotower.reranker import RunRanker, RunRankerConfig, fit_run_ranker
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 P = {1: 1.0, 2: 0.5, 3: 0.25}
 
 
@@ -201,15 +203,6 @@ def test_clear_errors():
         DebiasConfig.model_validate({"methd": "ipw"})
     with pytest.raises(ValidationError):
         DebiasConfig(clip=0.5)  # every 1/p is >= 1: a clip below 1 would flatten all weights
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a busy 2-core machine a second intra-op thread costs up to 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ from twotower.reranker import (
 )
 from twotower.storage import read_json, write_json
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ETA = {"desktop": 1.0, "mobile": 2.0}
 SHOWN, OFFSET = 10, 4.0  # OFFSET ~ the mean true logit of a top-30 item: clicks are not saturated
 
@@ -87,15 +89,6 @@ class Planted:
     def score(self, ranker: RunRanker, sim: dict[str, np.ndarray]) -> torch.Tensor:
         items = torch.from_numpy(sim["shown"])
         return ranker.score(self.user_emb[torch.from_numpy(sim["users"])], items, self.item_emb[items])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a busy 2-core machine a second intra-op thread costs up to 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
