@@ -14,7 +14,9 @@ Routes:
   sees half of each model.
 
 The model loads once, at start-up. Torch and FAISS run ``threads`` threads (default 1): a request is
-too small for intra-op parallelism to pay, and spare cores are better spent on more processes.
+too small for intra-op parallelism to pay, and spare cores are better spent on more processes
+(``workers``). The hot route, ``POST /recommend``, is answered by the outermost middleware (one
+pydantic-core call parses and validates the body); FastAPI still declares it, for the OpenAPI spec.
 """
 
 from __future__ import annotations
