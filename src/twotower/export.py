@@ -85,9 +85,13 @@ def export_run(
         from twotower.reranker import STAGES, RunRanker, sha256_file
 
         # Loading checks each ranker sits on these very retrieval weights before it ships.
-        stages = {stage: RunRanker.load(run_dir, stage) is not None for stage in STAGES}
+        retrieval_sha256 = sha256_file(run_dir / "model.safetensors")
+        stages = {stage: (run_dir / stage).is_dir() for stage in STAGES}
         for stage, present in stages.items():
             if present:
+                RunRanker.load_dir(
+                    run_dir / stage, model.item_tower.output_dim, model.num_items, retrieval_sha256
+                )
                 shutil.copytree(run_dir / stage, staging / stage)
         has_ranker = stages["ranker"]
         onnx_report = None
@@ -116,7 +120,7 @@ def export_run(
             "index": {"backend": index_config.backend, "report": built.build_report},
             "ranker": has_ranker,
             "light_ranker": stages["light_ranker"],
-            "retrieval_sha256": sha256_file(run_dir / "model.safetensors"),
+            "retrieval_sha256": retrieval_sha256,
             "onnx": onnx_report,
             "files": _hashes(staging),
         }

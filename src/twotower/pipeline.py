@@ -127,12 +127,14 @@ class Pipeline:
                 return pos
         return -1
 
+    def item_positions(self, ids: list[Any]) -> list[int]:
+        """Catalogue position of each raw item id, -1 where the catalogue lacks it."""
+        return [self._lookup(self.item_pos, value, self._integer_ids["item"]) for value in ids]
+
     def item_indices(self, ids: list[Any]) -> tuple[list[int], list[Any]]:
-        known, unknown = [], []
-        for value in ids:
-            pos = self._lookup(self.item_pos, value, self._integer_ids["item"])
-            (known.append(pos) if pos >= 0 else unknown.append(value))
-        return known, unknown
+        """(positions of the known ids, the unknown ids), each in the given order."""
+        positions = self.item_positions(ids)
+        return [p for p in positions if p >= 0], [v for v, p in zip(ids, positions, strict=True) if p < 0]
 
     # --- the query -----------------------------------------------------------------------------------
 
@@ -141,8 +143,10 @@ class Pipeline:
         query = self.exported.query
         # Checked on every path: a known user's stored features win, but a misspelt name is an error.
         self._check_feature_names(request)
-        events, ignored = self.item_indices(request.history)
-        keep = [i for i, v in enumerate(request.history) if v not in ignored]
+        positions = self.item_positions(request.history)
+        keep = [i for i, p in enumerate(positions) if p >= 0]
+        events = [positions[i] for i in keep]
+        ignored = [v for v, p in zip(request.history, positions, strict=True) if p < 0]
         actions = None
         if request.history_actions is not None:
             if len(request.history_actions) != len(request.history):
@@ -291,14 +295,8 @@ class Pipeline:
 def _matching(column: pd.Series, values: list[Value]) -> np.ndarray:
     """Catalogue indices whose cell equals one of ``values`` or, for 'a|b' cells, holds one as a token."""
     wanted = {str(v) for v in values if v is not None}
-
-    def hit(cell: Any) -> bool:
-        if _missing(cell):
-            return False
-        text = str(cell)
-        return text in wanted or ("|" in text and not wanted.isdisjoint(text.split("|")))
-
-    hits = np.fromiter((hit(v) for v in column.tolist()), dtype=bool, count=len(column))
+    cells = column.tolist()
+    hits = np.fromiter((not wanted.isdisjoint(_cell_keys(c)) for c in cells), dtype=bool, count=len(cells))
     return np.flatnonzero(hits).astype(np.int64)
 
 
