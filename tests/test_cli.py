@@ -60,13 +60,6 @@ def test_misspelt_key_and_unknown_user_fail_clearly(tmp_path):
     assert result.exit_code == 2 and "model.json" in result.output
 
 
-def test_demo_quick(tmp_path):
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
-    assert result.exit_code == 0, result.output
-    assert "most popular" in result.output and "true affinities" in result.output
-    assert (tmp_path / "demo" / "demo_summary.json").exists()
-
-
 def test_export_command_builds_the_named_index(tmp_path):
     config = _write_config(tmp_path)
     run_dir = tmp_path / "run"

@@ -30,7 +30,11 @@ from twotower.reranker import FORMAT as RANKER_FORMAT
 from twotower.reranker import RANKER_DIR
 from twotower.storage import atomic_write_bytes, atomic_write_text, read_json
 
-__all__ = ["build_report", "summary_table"]
+__all__ = ["FUNNEL_FILE", "build_report", "summary_table"]
+
+# What a run stores for the sections training alone cannot fill (written by `twotower demo`): the same
+# keys as ``extra``, so `twotower report RUN_DIR` rebuilds the demo's report from the run alone.
+FUNNEL_FILE = "funnel.json"
 
 EXTRA_KEYS = ("recall_curves", "true_examination", "funnel", "notes")
 IMAGES = ("training.png", "recall.png", "examination.png")
@@ -47,6 +51,7 @@ dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weig
 _FILES = {
     "config": "config.yaml", "metrics": "metrics.json", "history": "history.json",
     "model": "model.json", "demo": "demo_summary.json", "ranker": f"{RANKER_DIR}/ranker.json",
+    "stored": FUNNEL_FILE,
 }  # fmt: skip
 # What a section says when its data is missing, and how to get it (trusted HTML).
 _HOW = {
@@ -376,10 +381,16 @@ def build_report(
     ``out`` is the HTML file (default ``RUN_DIR/report.html``; an existing directory gets a report.html);
     the charts go in the folder beside it named after it (``report/``). ``extra`` may hold
     ``recall_curves`` ``{label: {K: value}}``, ``true_examination`` ``{context: [value per position]}``,
-    ``funnel`` ``{stage: {metric: value}}`` and ``notes`` ``[str]``.
+    ``funnel`` ``{stage: {metric: value}}`` and ``notes`` ``[str]``; keys it does not give come from
+    the run's ``funnel.json`` when there is one.
     """
     root, run = _open_run(run_dir)
-    more = _check_extra(extra)
+    stored = {k: v for k, v in (run["stored"] or {}).items() if k in EXTRA_KEYS}
+    try:
+        _check_extra(stored)
+    except (ValueError, TypeError):  # a damaged file must not cost the rest of the report
+        stored = {}
+    more = _check_extra({**stored, **(extra or {})})
     path = root / "report.html" if out is None else Path(out)
     path = path / "report.html" if path.is_dir() else path if path.suffix else path.with_suffix(".html")
     charts = _Charts(path.parent / path.stem)  # created by the first chart written

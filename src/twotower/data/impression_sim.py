@@ -7,12 +7,19 @@ a position-based model,
 
     p(click) = (1 / position) ** eta[device] * sigmoid(true affinity - offset),
 
-so the examination curve per device and the true relevance are both known. The frame has the
+so the examination curve per device and the true relevance are both known. ``relevance="affinity"``
+uses the world's full true logit (taste plus the item's popularity, what its interaction log is drawn
+from); ``"taste"`` drops the popularity term: a click on a *seen* item then reflects taste alone, while
+the interaction log retrieval trains on still carries popularity (popular items are engaged with more
+because they are found more). That gap is what a ranker trained on debiased clicks can correct in
+retrieval (see :mod:`twotower.align`). The frame has the
 columns of :func:`twotower.data.impressions.read_impressions` (``request_id, item_id, position,
 click, user_id, device``), ready for :func:`twotower.reranker.train_run_ranker`.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -40,9 +47,12 @@ def simulate_impressions(
     candidates: int = 30,
     eta: dict[str, float] | None = None,
     offset: float = 4.0,
+    relevance: Literal["affinity", "taste"] = "affinity",
 ) -> pd.DataFrame:
     """``requests`` logged requests over the run's catalogue (synthetic ids are world rows)."""
     eta = eta or DEFAULT_ETA
+    if relevance not in ("affinity", "taste"):
+        raise ValueError(f"relevance must be 'affinity' or 'taste', got {relevance!r}")
     if shown > candidates:
         raise ValueError(f"shown={shown} exceeds candidates={candidates}")
     rng = np.random.default_rng([seed, 41])
@@ -64,7 +74,8 @@ def simulate_impressions(
     exam = examination(np.arange(1, shown + 1)[None, :], np.array([eta[d] for d in device])[:, None])
     raw_users = retriever.user_ids[users].astype(np.int64)
     raw_items = retriever.item_ids[slate].astype(np.int64)
-    truth = world.affinity(np.repeat(raw_users, shown), raw_items.ravel()).reshape(slate.shape)
+    truth_of = world.affinity if relevance == "affinity" else world.taste
+    truth = truth_of(np.repeat(raw_users, shown), raw_items.ravel()).reshape(slate.shape)
     clicks = rng.random(slate.shape) < exam / (1.0 + np.exp(-(truth - offset)))
     return pd.DataFrame(
         {

@@ -153,6 +153,12 @@ class SyntheticWorld:
             + self.config.popularity_strength * self.item_popularity_logit[np.asarray(item_index)]
         )
 
+    def taste(self, user_index: np.ndarray, item_index: np.ndarray) -> np.ndarray:
+        """The taste part of the true logit, ``affinity_strength * <u, i>`` (no popularity term)."""
+        u = self.user_latent[np.asarray(user_index)]
+        i = self.item_latent[np.asarray(item_index)]
+        return self.config.affinity_strength * np.sum(u * i, axis=-1)
+
     def _logits(self, rows: slice) -> np.ndarray:
         cfg = self.config
         return (cfg.affinity_strength * self.user_latent[rows]) @ self.item_latent.T + (

@@ -1,0 +1,136 @@
+"""Alignment training: candidate lists by hand, and students that learn a planted teacher's taste."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from twotower.align import AlignConfig, Teacher, align_retrieval, candidate_lists, distill_light_ranker
+from twotower.config import RunConfig
+from twotower.data.impression_sim import simulate_impressions
+from twotower.distillation import AlignmentConfig
+from twotower.experiment import train_run
+from twotower.funnel_metrics import rank_correlation, ranker_topk_recall
+from twotower.recommender import Retriever
+from twotower.reranker import RunRankerConfig, fit_run_ranker
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class LowIndexRanker:
+    """A planted teacher: every user prefers items with a lower catalogue index, whatever the features."""
+
+    def score(self, user_emb: torch.Tensor, item_idx: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+        return -item_idx.float() / 10.0
+
+
+def test_candidate_lists_by_hand() -> None:
+    users = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    items = torch.tensor([[3.0, 0.0], [2.0, 0.0], [0.0, 3.0], [0.0, 2.0], [1.0, 1.0]])
+    top, mask = candidate_lists(users, items, top=2, random=0)
+    assert top.tolist() == [[0, 1], [2, 3]] and mask.all()
+    lists, mask = candidate_lists(users, items, top=2, random=6, seed=3)
+    assert lists.shape == (2, 8) and lists[:, :2].tolist() == [[0, 1], [2, 3]]
+    for row, valid in zip(lists.tolist(), mask.tolist(), strict=True):
+        kept = [item for item, ok in zip(row, valid, strict=True) if ok]
+        # Every distinct item of the row is kept exactly once, the top ones in their slots.
+        assert sorted(kept) == sorted(set(row)) and valid[:2] == [True, True]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("align") / "run"
+    config = RunConfig.model_validate(
+        {
+            "data": {"source": "synthetic", "world": {"num_users": 150, "num_items": 90, "seed": 1}},
+            "model": {"temperature": 0.1, "user_tower": {"layers": [16]}, "item_tower": {"layers": [16]}},
+            "train": {"epochs": 3, "batch_size": 128, "lr": 0.01, "seed": 0},
+            "eval": {"protocol": "temporal", "ks": [10]},
+        }
+    )
+    train_run(config, out, progress=False)
+    return out
+
+
+def test_distillation_pulls_the_teachers_favourites_into_retrieval(run) -> None:
+    retriever = Retriever.load(run)
+    model = retriever.model.eval()
+    teacher = Teacher(LowIndexRanker(), model.user_embeddings(), model.item_embeddings())  # type: ignore[arg-type]
+    users = torch.arange(model.num_users)
+    favourites = teacher.top(users, 10)
+    assert favourites[0].tolist() == list(range(10))  # the planted order, over the whole catalogue
+    config = AlignConfig(epochs=4, lr=3e-3, candidates=30, random=30, users_per_step=50)
+    students = {}
+    for name, terms in (("control", AlignmentConfig()), ("distill", AlignmentConfig(distill_weight=2.0))):
+        students[name] = copy.deepcopy(model)
+        history = align_retrieval(
+            students[name], teacher, retriever_positives(run), config.model_copy(update={"alignment": terms})
+        )
+        assert len(history) == 4 and ("distill" in history[-1]) == (name == "distill")
+    recall = {
+        name: ranker_topk_recall(student.recommend(users, k=30)[0].numpy(), favourites.numpy())
+        for name, student in students.items()
+    }
+    # The control only trains on interactions: the planted order is unrelated to them.
+    assert recall["distill"] > recall["control"] + 0.25, recall
+
+
+def retriever_positives(run):
+    from twotower.data.dataset import Interactions
+    from twotower.storage import load_tensors
+
+    pairs = load_tensors(run / "train_pairs.safetensors")
+    return Interactions(pairs["user_idx"].long(), pairs["item_idx"].long())
+
+
+def test_distilled_light_ranker_agrees_with_the_teacher(run, tmp_path) -> None:
+    retriever = Retriever.load(run)
+    world = retriever_world(run)
+    log = simulate_impressions(retriever, world, 400, seed=0, candidates=30)
+    log.drop(columns="true_affinity").to_parquet(tmp_path / "log.parquet")
+    config = RunRankerConfig.model_validate(
+        {"columns": {"user": "user_id", "context": ["device"]},
+         "ranker": {"combination": "pal", "layers": [16], "item_embedding_dim": 0},
+         "train": {"epochs": 1, "batch_size": 128}}
+    )  # fmt: skip
+    light, _ = fit_run_ranker(run, tmp_path / "log.parquet", config)
+    model = retriever.model.eval()
+    teacher = Teacher(LowIndexRanker(), model.user_embeddings(), model.item_embeddings())  # type: ignore[arg-type]
+    items, mask = candidate_lists(teacher.user_emb, teacher.item_emb, 20, 0)
+    users = torch.arange(len(items))
+
+    def agreement() -> float:
+        own = light.score(teacher.user_emb, items, teacher.item_emb[items])
+        return rank_correlation(own.numpy(), teacher.logits(users, items).numpy())
+
+    before = agreement()
+    history = distill_light_ranker(
+        light, teacher, items, mask, AlignConfig(epochs=15, lr=1e-2, users_per_step=50)
+    )
+    assert len(history) == 15 and history[-1]["alignment"] < history[0]["alignment"]
+    assert agreement() > max(before, 0.0) + 0.3
+    with pytest.raises(ValueError, match="distill_weight"):
+        distill_light_ranker(light, teacher, items, mask, AlignConfig(alignment=AlignmentConfig()))
+
+
+def retriever_world(run):
+    from twotower.config import load_config
+    from twotower.data.synthetic import SyntheticWorld
+
+    config = load_config(run / "config.yaml")
+    return SyntheticWorld.generate(config.data.world)
+
+
+def test_teacher_top_matches_a_full_sort() -> None:
+    scores = np.random.default_rng(0).normal(size=(5, 40))
+
+    class Lookup:
+        def score(self, user_emb, item_idx, item_emb):
+            return torch.gather(torch.as_tensor(scores, dtype=torch.float32)[user_emb.argmax(1)], 1, item_idx)
+
+    teacher = Teacher(Lookup(), torch.eye(5), torch.eye(40))  # type: ignore[arg-type]
+    top = teacher.top(torch.arange(5), 7, chunk=2)
+    assert top.tolist() == np.argsort(-scores, axis=1)[:, :7].tolist()
