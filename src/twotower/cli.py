@@ -43,21 +43,62 @@ def train(
     run_dir: Path | None = typer.Option(None, "--run-dir", help="default: runs/<config name>-<time>"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --run-dir"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="training processes on this machine (several machines: torchrun, README)"
+    ),
 ) -> None:
-    """Train a retrieval model and evaluate it on its protocol's test split."""
+    """Train a retrieval model and evaluate it on its protocol's test split.
+
+    Also runs as each process of `torchrun ... -m twotower.cli train CONFIG` (RANK / WORLD_SIZE set):
+    every process trains its shard of each batch, rank 0 writes the run and prints the metrics."""
+    from twotower import distributed
     from twotower.experiment import train_run
 
     if resume and run_dir is None:
         _fail("--resume needs --run-dir (the run to continue)")
+    if nproc > 1 and distributed.launched():
+        _fail("--nproc starts its own processes: leave it out under torchrun")
     try:
-        cfg = load_config(config, set_)
+        cfg = load_config(config, set_)  # validated before any process starts: one clear error
         run_dir = run_dir or Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        metrics = train_run(cfg, run_dir, resume=resume, progress=not quiet)
+        if nproc > 1:
+            args = ["train", str(config), *(f"--set={item}" for item in set_), f"--run-dir={run_dir}"]
+            args += (["--resume"] if resume else []) + (["--quiet"] if quiet else [])
+            _launch_local(nproc, args)
+            return
+        owned = distributed.init_from_env()
+        try:
+            main = distributed.is_main()
+            # Under torchrun the default name holds a time stamp: every rank takes rank 0's.
+            run_dir = Path(distributed.broadcast_json(str(run_dir)))
+            metrics = train_run(cfg, run_dir, resume=resume, progress=not quiet)
+        finally:
+            distributed.teardown(owned)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
-    typer.echo(f"run directory: {run_dir}")
-    _print_metrics(metrics)
+    if main:
+        typer.echo(f"run directory: {run_dir}")
+        _print_metrics(metrics)
+
+
+def _launch_local(nproc: int, argv: list[str]) -> None:
+    """``twotower <argv>`` in ``nproc`` local processes through torchrun's launcher (``--standalone``:
+    its rendezvous on a free loopback port); fails when any of them does."""
+    import os
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    # The processes share the cores: without this each would start one intra-op thread per core.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    launch = ["--standalone", f"--nproc-per-node={nproc}", "--module", "twotower.cli", *argv]
+    try:
+        torchrun(get_args_parser().parse_args(launch))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        _fail(f"training process {rank} failed with exit code {failure.exitcode} (its error is above)")
 
 
 @app.command()
@@ -178,6 +219,33 @@ def train_ranker(
         typer.echo("learned examination, relative to position 1:")
         for context, curve in ranker.examination_curve.items():
             typer.echo(f"  {context:<10} " + " ".join(f"{v:.2f}" for v in curve))
+
+
+@app.command()
+def align(
+    run_dir: Path = typer.Argument(..., help="a run with a ranker", exists=True, file_okay=False),
+    out: Path = typer.Option(..., "--out", help="the new, aligned run directory (must not exist)"),
+    impressions: Path | None = typer.Option(
+        None, "--impressions", exists=True, help="also train on this log's clicks (debiased labels)"
+    ),
+    config: Path | None = typer.Option(None, "--config", help="align config (YAML); default: defaults"),
+    set_: list[str] = typer.Option([], "--set", help="e.g. --set align.alignment.reward_weight=1"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Fine-tune the run's retrieval towards its main ranker (distillation / ranker as reward) into --out."""
+    from twotower.align_run import AlignRunConfig, align_run
+
+    try:
+        cfg = load_config(config, set_, model=AlignRunConfig)
+        summary = align_run(run_dir, out, cfg, impressions, progress=not quiet)
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    counts = f"{summary['positives']:,} positives, {summary['click_positives']:,} clicks"
+    typer.echo(f"aligned run: {out} ({counts})")
+    for record in summary["history"]:
+        typer.echo("  " + "  ".join(f"{k} {v:.4g}" for k, v in record.items()))
+    typer.echo(f"next: `twotower evaluate {out}`, then `twotower train-ranker {out} LOG` (its rankers)")
 
 
 @app.command()

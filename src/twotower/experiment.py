@@ -10,6 +10,10 @@ A run directory holds everything needed to evaluate again, recommend, or resume:
     items.parquet        item metadata (the item table's columns) in catalogue order, for serving
     history.json         per-epoch loss, speed, validation metrics
     metrics.json         test metrics of the named protocol
+
+Under torchrun (RANK / WORLD_SIZE set) ``train_run`` joins the process group itself; every rank loads
+the data and trains its shard (``twotower.train.fit``), rank 0 alone writes the run directory and
+evaluates, and every rank returns rank 0's metrics.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from twotower import __version__
+from twotower import __version__, distributed
 from twotower.config import RunConfig, config_to_dict, save_config
 from twotower.data.dataset import Interactions, RetrievalData, build_retrieval_data, iterate_batches
+from twotower.data.prefetch import prefetched
 from twotower.evaluate import PROTOCOLS, evaluate_embeddings
 from twotower.history import history_csr
 from twotower.retrieval import TwoTowerModel
@@ -101,15 +106,27 @@ def train_run(
     data: RetrievalData | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one run; returns the test metrics (also written to ``metrics.json``)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    owned = distributed.init_from_env()  # launched by torchrun: join its process group
+    try:
+        return _train_run(config, Path(run_dir), resume, progress, data)
+    finally:
+        distributed.teardown(owned)
+
+
+def _train_run(
+    config: RunConfig, run_dir: Path, resume: bool, progress: bool, data: RetrievalData | None
+) -> dict[str, Any]:
+    main = distributed.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    save_config(config, run_dir / "config.yaml")
+    if main:
+        save_config(config, run_dir / "config.yaml")
     seed_everything(config.train.seed)
     t0 = time.perf_counter()
-    data = data or build_retrieval_data(config)
-    log.info(
+    data = data or build_retrieval_data(config)  # every rank: the batches are built from it
+    (log.info if main else log.debug)(
         "data: %d users, %d items, %d train / %d test interactions",
         data.num_users,
         data.num_items,
@@ -128,19 +145,24 @@ def train_run(
 
     result = fit(
         model,
-        lambda epoch: iterate_batches(data.train, config.train.batch_size, config.train.seed, epoch),
+        # Batches are gathered on a background thread, a few ahead of the step (same batches, same order).
+        prefetched(
+            lambda epoch: iterate_batches(data.train, config.train.batch_size, config.train.seed, epoch)
+        ),
         config.train,
         run_dir,
         validate=validate,
         resume=resume,
         progress=progress,
     )
-    metrics = evaluate_model(model, config.eval.protocol, data.train, data.test, config.eval.ks)
-    metrics.update(_fit_summary(result, time.perf_counter() - t0))
-    save_model(model, data, config, run_dir)
-    write_json(run_dir / "history.json", result.history)
-    write_json(run_dir / "metrics.json", metrics)
-    return metrics
+    metrics: dict[str, Any] = {}
+    if main:  # evaluation and files on rank 0; the others wait in broadcast_json for its metrics
+        metrics = evaluate_model(model, config.eval.protocol, data.train, data.test, config.eval.ks)
+        metrics.update(_fit_summary(result, time.perf_counter() - t0))
+        save_model(model, data, config, run_dir)
+        write_json(run_dir / "history.json", result.history)
+        write_json(run_dir / "metrics.json", metrics)
+    return distributed.broadcast_json(metrics)
 
 
 def _fit_summary(result: FitResult, total_seconds: float) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from twotower import __version__
+from twotower.chunked_export import write_item_embeddings
 from twotower.features import FeatureEncoder
 from twotower.index import IndexConfig, ItemIndex
 from twotower.query_tower import QueryTower
@@ -60,13 +61,14 @@ def export_run(
     meta = read_json(run_dir / "model.json")
     user_encoder = FeatureEncoder.from_dict(meta["user_encoder"])
     query = QueryTower.from_model(model, user_encoder.fields())
-    items = model.item_embeddings()
     index_config = index or IndexConfig()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_tensors(staging / "query_tower.safetensors", query.state_dict())
-        save_tensors(staging / "items.safetensors", {"embeddings": items})
+        # Chunk by chunk into the file, then mapped back: a million-item catalogue never holds its
+        # gathered features or a second copy of the matrix in memory.
+        items = write_item_embeddings(model, staging / "items.safetensors")
         seen = retriever.seen
         save_tensors(staging / "seen.safetensors", {"indptr": seen.indptr, "indices": seen.indices})
         write_json(

@@ -19,6 +19,7 @@ __all__ = [
     "CategoricalFeature",
     "FeatureSpec",
     "FieldInfo",
+    "HashedIdFeature",
     "IdFeature",
     "MultiHotFeature",
     "NumericFeature",
@@ -44,6 +45,18 @@ class IdFeature(_FeatureBase):
     type: Literal["id"] = "id"
     embedding_dim: int | None = Field(None, ge=1, description="None: the tower's default")
     min_count: int = Field(1, ge=1)
+
+
+class HashedIdFeature(_FeatureBase):
+    """The entity's id mapped to one of ``num_buckets`` by a stable hash (``twotower.hashing``).
+
+    For vocabularies too large to build or store (millions of users): nothing is fitted, an id never
+    seen in training still gets a trained bucket, and distinct ids may share one (a collision).
+    """
+
+    type: Literal["hashed_id"] = "hashed_id"
+    num_buckets: int = Field(ge=1, description="buckets 1..num_buckets; 0 is missing")
+    embedding_dim: int | None = Field(None, ge=1, description="None: the tower's default")
 
 
 class CategoricalFeature(_FeatureBase):
@@ -92,7 +105,7 @@ class BucketizedFeature(_FeatureBase):
 
 
 FeatureSpec = Annotated[
-    IdFeature | CategoricalFeature | MultiHotFeature | NumericFeature | BucketizedFeature,
+    IdFeature | HashedIdFeature | CategoricalFeature | MultiHotFeature | NumericFeature | BucketizedFeature,
     Field(discriminator="type"),
 ]
 _SPECS = TypeAdapter(list[FeatureSpec])

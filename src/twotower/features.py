@@ -16,6 +16,9 @@ Index conventions (stable, relied upon by towers and serving):
   Cardinality = len(vocab) + 2.
 - ``numeric``: float32 ``[N]``, ``(x - mean) / std`` with mean/std (population) from the fit data; a
   missing value is replaced by ``fill`` *before* standardising (default: the mean, giving 0).
+- ``hashed_id``: int64 ``[N]``; 0 = missing, else ``1 + stable_hash(value) % num_buckets``
+  (``twotower.hashing``): nothing is fitted or stored, so the vocabulary may be any size.
+  Cardinality = num_buckets + 1.
 
 Vocabulary values keep their type where JSON can hold it: integers (including whole-number floats,
 which is what an int column with gaps becomes in pandas) are stored as ``int``, other numbers as
@@ -43,10 +46,12 @@ from twotower.feature_specs import (  # noqa: F401 - re-exported: specs are part
     CategoricalFeature,
     FeatureSpec,
     FieldInfo,
+    HashedIdFeature,
     IdFeature,
     MultiHotFeature,
     NumericFeature,
 )
+from twotower.hashing import hash_keys, series_buckets, to_buckets
 
 _FORMAT = "twotower.features/1"
 
@@ -119,8 +124,8 @@ class FeatureEncoder:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate feature names: {dupes}")
-        if sum(isinstance(s, IdFeature) for s in self.specs) > 1:
-            raise ValueError("at most one IdFeature per encoder (one entity per tower)")
+        if sum(isinstance(s, IdFeature | HashedIdFeature) for s in self.specs) > 1:
+            raise ValueError("at most one IdFeature or HashedIdFeature per encoder (one entity per tower)")
         self._state: dict[str, dict[str, Any]] = {}
         self._index: dict[str, dict[Any, int]] = {}
 
@@ -141,11 +146,14 @@ class FeatureEncoder:
         source of the IdFeature's vocabulary, so ids that never occur in training map to OOV (0) and
         ``min_count`` counts training interactions.
         """
-        id_spec = next((s for s in self.specs if isinstance(s, IdFeature)), None)
+        id_spec = next((s for s in self.specs if isinstance(s, IdFeature | HashedIdFeature)), None)
         if id_values is not None and id_spec is None:
             raise ValueError("id_values was given but no IdFeature is declared")
         state: dict[str, dict[str, Any]] = {}
         for spec in self.specs:
+            if isinstance(spec, HashedIdFeature):  # nothing to learn: the hash is the vocabulary
+                state[spec.name] = {"num_buckets": spec.num_buckets}
+                continue
             if spec is id_spec and id_values is not None:
                 array_like = isinstance(id_values, pd.Series | pd.Index | np.ndarray)
                 ids = pd.Series(id_values if array_like else list(id_values))
@@ -209,6 +217,8 @@ class FeatureEncoder:
                 # The extra trailing 0 is where code -1 (missing) lands.
                 lut = np.array([index.get(_canon(u), 0) for u in uniques] + [0], dtype=np.int64)
                 out[spec.name] = torch.from_numpy(lut[codes])
+            elif isinstance(spec, HashedIdFeature):
+                out[spec.name] = torch.from_numpy(series_buckets(series, spec.num_buckets, _canon))
             elif isinstance(spec, MultiHotFeature):
                 out[spec.name] = torch.from_numpy(self._multi_hot(series, spec))
             elif isinstance(spec, NumericFeature):
@@ -240,6 +250,14 @@ class FeatureEncoder:
                     )
                 key = _canon(value)
                 out[spec.name] = torch.tensor([0 if key is None else self._index[spec.name].get(key, 0)])
+            elif isinstance(spec, HashedIdFeature):
+                if isinstance(value, list | tuple | dict | set):
+                    raise ValueError(
+                        f"feature {spec.name!r} (column {spec.column!r}) takes one value, got {value!r}"
+                    )
+                key = _canon(value)
+                bucket = 0 if key is None else int(to_buckets(hash_keys([key]), spec.num_buckets)[0])
+                out[spec.name] = torch.tensor([bucket])
             elif isinstance(spec, MultiHotFeature):
                 row = (
                     [self._index[spec.name].get(t, 1) for t in _tokens(value, spec.separator)]
@@ -295,6 +313,8 @@ class FeatureEncoder:
             state = self._state[spec.name]
             if isinstance(spec, IdFeature | CategoricalFeature):
                 infos.append(FieldInfo(spec.name, "categorical", len(state["vocab"]) + 1, spec.embedding_dim))
+            elif isinstance(spec, HashedIdFeature):
+                infos.append(FieldInfo(spec.name, "categorical", spec.num_buckets + 1, spec.embedding_dim))
             elif isinstance(spec, MultiHotFeature):
                 infos.append(FieldInfo(spec.name, "multi_hot", len(state["vocab"]) + 2, spec.embedding_dim))
             elif isinstance(spec, NumericFeature):

@@ -21,6 +21,15 @@ The logQ correction subtracts log q(y), y's probability of being drawn as a cand
 frequency (exact counts or the streaming estimate) for in-batch candidates, the sampler's exact
 probability for sampled ones, the mixture of both when they are mixed. Hard negatives are chosen, not
 sampled from a known q, so they carry no correction.
+
+Several training processes (``twotower.distributed``), each holding a shard of the global batch: while
+training, the shared pool is every rank's (positives' embeddings and shared draws all-gathered WITH
+gradients, ids too), so accidental hits and logQ use global ids, and the streaming estimator sees the
+global batch on every rank (identical state). Rank r returns L'_r = L_r * N * W_r / W (weighted-mean loss,
+rank and global weight totals), so mean_r L'_r is the global-batch loss L. The gather's backward sums
+all ranks' gradients into the gathered rows, so the ranks' parameter gradients add up to
+sum_r dL'_r/dtheta and DDP's average (1/N) sum_r dL'_r/dtheta is dL/dtheta, the one-process gradient.
+Per-row negatives (unshared draws, hard, impressions) belong to the rank's own rows.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from twotower import losses
+from twotower import distributed, losses
 from twotower.frequency import StreamingFrequencyEstimator
 from twotower.negatives import (
     HardNegativeMiner,
@@ -177,20 +186,32 @@ class RetrievalTask(nn.Module):
         batch: dict[str, Tensor] | None = None,
         embed_items: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
+        # Cross-rank only while training: evaluation runs on rank 0 alone and must not wait for peers.
+        shards = None
+        if self.training and distributed.world_size() > 1:
+            shards = distributed.batch_shards(len(query), sample_weight, query.device)
         if self.training:
             self.step += 1
             if self.sampling_probability is not None:
-                # Streaming estimators learn from the stream of training batches; exact counts ignore it.
-                self.sampling_probability.update(candidate_ids)
+                # Streaming estimators learn from the stream of (global) training batches, so every
+                # rank holds the same state; exact counts ignore it.
+                global_ids = (
+                    candidate_ids if shards is None else distributed.gather_rows(candidate_ids, shards.sizes)
+                )
+                self.sampling_probability.update(global_ids)
         batch = batch if batch is not None else {"item_idx": candidate_ids}
         pos_ids = candidate_ids.long()
         n_rows = len(query)
         pos = (query * candidates).sum(-1)
-        neg, ids, log_q, mask, log_q_pos = self._negatives(query, candidates, pos_ids, batch, embed_items)
+        neg, ids, log_q, mask, log_q_pos = self._negatives(
+            query, candidates, pos_ids, batch, embed_items, shards
+        )
         if self.remove_accidental_hits:
             mask = mask & (ids != pos_ids[:, None])
         assert neg.shape[0] == n_rows
-        return self._loss(pos, neg, mask, sample_weight, log_q_pos, log_q)
+        loss = self._loss(pos, neg, mask, sample_weight, log_q_pos, log_q)
+        # This rank's share of the global loss, scaled for DDP's averaging (module docstring).
+        return loss if shards is None else loss * shards.loss_scale
 
     # --- negatives -------------------------------------------------------------------------------
     def _negatives(
@@ -200,6 +221,7 @@ class RetrievalTask(nn.Module):
         pos_ids: Tensor,
         batch: dict[str, Tensor],
         embed_items: Callable[[Tensor], Tensor] | None,
+        shards: distributed.Shards | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Similarities, ids, log q and validity [B, N] of every negative, plus log q of each positive."""
         n_rows = len(query)
@@ -210,12 +232,13 @@ class RetrievalTask(nn.Module):
             raise ValueError("sampled or hard negatives need embed_items (the item tower)")
         correct = self.sampling_probability is not None
         if self.in_batch or (self.num_sampled and self.shared):
-            pool_ids, pool_emb, pool_log_q = self._shared_pool(candidates, pos_ids, embed_items)
+            pool_ids, pool_emb, pool_log_q = self._shared_pool(candidates, pos_ids, embed_items, shards)
             sims = query @ pool_emb.T
             valid = torch.ones_like(sims, dtype=torch.bool)
             if self.in_batch:
-                valid[:, :n_rows].fill_diagonal_(False)  # column i of row i is the positive itself
-                log_q_pos = pool_log_q[:n_rows]
+                first = 0 if shards is None else shards.offset  # this rank's rows in the global pool
+                valid[:, first : first + n_rows].fill_diagonal_(False)  # row i's own positive
+                log_q_pos = pool_log_q[first : first + n_rows]
             elif correct:
                 log_q_pos = self.sampler.log_probability(pos_ids).double()
             parts.append((sims, pool_ids.expand(n_rows, -1), pool_log_q.expand(n_rows, -1), valid))
@@ -249,30 +272,52 @@ class RetrievalTask(nn.Module):
         return sims, ids, log_q, mask, log_q_pos
 
     def _shared_pool(
-        self, candidates: Tensor, pos_ids: Tensor, embed_items: Callable[[Tensor], Tensor] | None
+        self,
+        candidates: Tensor,
+        pos_ids: Tensor,
+        embed_items: Callable[[Tensor], Tensor] | None,
+        shards: distributed.Shards | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Candidates shared by every row: [batch positives?, sampled?] with their log q."""
+        """Candidates shared by every row: [batch positives?, sampled?] with their log q. With several
+        processes: every rank's positives, then every rank's draws - the pool one process would hold."""
         correct = self.sampling_probability is not None
-        if self.mixed is not None:  # mixed negatives, the mixture's probability for the correction
-            pool = self.mixed.candidates(pos_ids)
-            extra_emb = embed_items(pool.ids[len(pos_ids) :]) if self.num_sampled else candidates[:0]
-            return pool.ids, torch.cat([candidates, extra_emb]), pool.log_q
-        ids_parts, emb_parts, log_q_parts = [], [], []
+        device = candidates.device
+        world = 1 if shards is None else len(shards.sizes)
+        # Each rank draws its share of the shared negatives from its own RNG stream (distinct streams,
+        # see distributed.rank_seed): gathered, they are num_sampled independent draws, as in one process.
+        draws = distributed.split_count(self.num_sampled if self.shared else 0, world)
+        ids_parts, emb_parts = [], []
         if self.in_batch:
             ids_parts.append(pos_ids)
             emb_parts.append(candidates)
+        n_local = draws[0 if shards is None else shards.rank]  # 0 on some ranks when num_sampled < N
+        if sum(draws):
+            extra = self.sampler.sample({}, n_local).ids.to(device) if n_local else pos_ids[:0]
+            ids_parts.append(extra)
+            emb_parts.append(embed_items(extra) if n_local else candidates[:0])
+        ids, emb = torch.cat(ids_parts), torch.cat(emb_parts)
+        if shards is not None:
+            counts = [[n if self.in_batch else 0, d] for n, d in zip(shards.sizes, draws, strict=True)]
+            totals = [sum(c) for c in counts]
+            ids = distributed.regroup(distributed.gather_rows(ids, totals), counts)
+            emb = distributed.regroup(distributed.gather_rows(emb, totals, grad=True), counts)
+        n_pos, n_extra = len(ids) - sum(draws), sum(draws)
+        if self.mixed is not None:  # mixed negatives, the mixture's probability for the correction
+            return ids, emb, self.mixed.log_probability(ids, n_pos, n_extra)
+        log_q_parts = []
+        if self.in_batch:
             log_q_parts.append(
-                self.sampling_probability.log_probability(pos_ids).double()
+                self.sampling_probability.log_probability(ids[:n_pos]).double()
                 if correct
-                else torch.zeros(len(pos_ids), dtype=torch.float64)
+                else torch.zeros(n_pos, dtype=torch.float64)
             )
-        if self.num_sampled and self.shared:
-            drawn = self.sampler.sample({}, self.num_sampled)
-            ids_parts.append(drawn.ids.to(pos_ids.device))
-            emb_parts.append(embed_items(drawn.ids.to(pos_ids.device)))
-            log_q_parts.append(drawn.log_q.double() if correct else torch.zeros(self.num_sampled).double())
-        device = candidates.device
-        return (torch.cat(ids_parts), torch.cat(emb_parts), torch.cat([q.to(device) for q in log_q_parts]))
+        if n_extra:
+            log_q_parts.append(
+                self.sampler.log_probability(ids[n_pos:]).double()
+                if correct
+                else torch.zeros(n_extra).double()
+            )
+        return ids, emb, torch.cat([q.to(device) for q in log_q_parts])
 
     # --- objectives ------------------------------------------------------------------------------
     def _loss(

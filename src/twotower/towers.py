@@ -9,12 +9,17 @@ layer here:
   whose mean ignores the padding slots, so a row's result does not depend on how much it was padded;
 - ``numeric`` (standardised upstream): the raw value, one input column each.
 
+With ``sparse: true`` the tables produce sparse gradients: a dense gradient of a million-row table is
+a full-size tensor written, read and updated by the optimizer at every step, although a batch touches
+a few thousand rows; that, not the towers' arithmetic, then dominates the training step.
+
 Batches are plain ``dict[str, Tensor]`` keyed by feature name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +40,16 @@ class TowerConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     normalize: bool = Field(False, description="L2-normalise the output (cosine similarity)")
     init_std: float = Field(0.05, gt=0.0, description="std of the normal init of embedding tables")
+    sparse: bool = Field(
+        False,
+        description="sparse gradients for the embedding tables: a step touches only the looked-up rows "
+        "(needs train.optimizer adagrad and weight_decay 0); pays for tables of millions of rows",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: the MLP runs under bfloat16 autocast (for GPUs; works on CPU, slowly "
+        "without bf16 instructions); lookups, the output and its normalisation stay float32",
+    )
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -55,11 +70,11 @@ class Tower(nn.Module):
         for field in fields:
             dim = field.embedding_dim or config.embedding_dim
             if field.kind == "categorical":
-                self.categorical[field.name] = nn.Embedding(field.cardinality, dim)
+                self.categorical[field.name] = nn.Embedding(field.cardinality, dim, sparse=config.sparse)
                 width += dim
             elif field.kind == "multi_hot":
                 self.multi_hot[field.name] = nn.EmbeddingBag(
-                    field.cardinality, dim, mode="mean", padding_idx=0
+                    field.cardinality, dim, mode="mean", padding_idx=0, sparse=config.sparse
                 )
                 width += dim
             elif field.kind == "numeric":
@@ -90,7 +105,15 @@ class Tower(nn.Module):
         parts.extend(features[name].float().unsqueeze(-1) for name in self.numeric_names)
         if extra is not None:
             parts.append(extra)
-        hidden = self.mlp(torch.cat(parts, dim=-1))
+        inputs = torch.cat(parts, dim=-1)
+        if self.config.precision == "bf16":
+            # Only the MLP's products run in bfloat16; the result comes back as float32 so the
+            # similarity, the softmax and everything downstream keep their precision.
+            with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16):
+                hidden = self.mlp(inputs)
+            hidden = hidden.float()
+        else:
+            hidden = self.mlp(inputs)
         return F.normalize(hidden, dim=-1) if self.config.normalize else hidden
 
 

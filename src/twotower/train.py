@@ -8,6 +8,13 @@ pickle), stops early when the validation metric stops improving, and resumes fro
 Resuming ends at the same result as an uninterrupted run because everything random is either
 re-derived from (seed, epoch) - batch order - or saved in the checkpoint: the torch RNG state (dropout),
 the optimizer state and every module buffer (e.g. the streaming frequency sketch).
+
+One code path for one and several processes (``twotower.distributed``; a process group exists, e.g.
+under torchrun): every rank iterates the same global batches and trains on its shard of each under
+DDP; the loss shown is the global batch's; rank 0 alone validates, writes checkpoints (with every
+rank's RNG state) and shows progress, and every rank continues from rank 0's epoch record, so all return
+the same result. Resuming loads the same checkpoint on every rank and each rank's own RNG state; the
+run directory must therefore be visible to every rank (one machine, or a shared filesystem).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from twotower import distributed
 from twotower.config import TrainConfig
 from twotower.storage import load_tensors, read_json, save_tensors, write_json
 
@@ -60,9 +68,16 @@ def fit(
     resume: bool = False,
     progress: bool = True,
 ) -> FitResult:
-    """Train ``model`` in place; on return it holds the best weights when early stopping is on."""
+    """Train ``model`` in place; on return it holds the best weights when early stopping is on.
+
+    With several processes every rank calls ``fit`` with the same arguments (``validate`` is only
+    called on rank 0) and gets the same result.
+    """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    distributed.ensure_groups()
+    main, world = distributed.is_main(), distributed.world_size()
+    device = next(model.parameters()).device
     optimizer = make_optimizer(model, config)
     stopping = config.early_stopping if validate is not None else None
     state: dict[str, Any] = {
@@ -75,8 +90,14 @@ def fit(
         "stopped": False,
     }
     if resume and (ckpt_dir / "last.json").exists():
-        state = load_checkpoint(ckpt_dir / "last", model, optimizer)
-        log.info("resumed from %s at epoch %d", ckpt_dir, state["epoch"])
+        state = load_checkpoint(ckpt_dir / "last", model, optimizer, seed=config.seed)
+        if main:
+            log.info("resumed from %s at epoch %d", ckpt_dir, state["epoch"])
+    elif not main:
+        # Each rank its own RNG stream (dropout, sampled negatives); rank 0 keeps the caller's, so one
+        # process trains exactly as it always has.
+        torch.manual_seed(distributed.rank_seed(config.seed))
+    step_loss = distributed.loss_module(model)  # forward(batch) = loss; DDP with several processes
 
     start = time.perf_counter()
     examples_seen = 0
@@ -87,23 +108,31 @@ def fit(
         bar = tqdm(
             batches(epoch),
             desc=f"epoch {epoch}/{config.epochs}",
-            disable=not progress,
+            disable=not (progress and main),
             leave=False,
             unit="batch",
         )
         for batch in bar:
-            loss = model.compute_loss(batch)
-            if not torch.isfinite(loss):
+            rows = len(next(iter(batch.values())))
+            if rows < world:  # a tail batch too small to give every rank a row: skipped on all ranks
+                continue
+            local = distributed.shard(batch)
+            if device.type != "cpu":
+                local = {key: value.to(device, non_blocking=True) for key, value in local.items()}
+            loss = step_loss(local)
+            # The global batch's loss, the same on every rank, so a divergence stops every rank at once.
+            value = distributed.mean_over_ranks(loss.detach())
+            if not torch.isfinite(value):
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at epoch {epoch}, step {state['global_step']}"
+                    f"loss is {value.item()} at epoch {epoch}, step {state['global_step']}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             state["global_step"] += 1
-            loss_sum += loss.item()
+            loss_sum += value.item()
             n_batches += 1
-            n_examples += len(next(iter(batch.values())))
+            n_examples += rows
             if n_batches % 10 == 0:
                 rate = n_examples / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", ex_s=f"{rate:,.0f}")
@@ -115,16 +144,19 @@ def fit(
             "examples_per_s": n_examples / max(seconds, 1e-9),
             "seconds": seconds,
         }
-        if validate is not None:
-            model.eval()
-            record.update({f"valid_{k}": v for k, v in validate().items()})
-        state["history"].append(record)
-        state["epoch"] = epoch
-        if stopping is not None:
-            _update_early_stopping(state, record, stopping.metric, stopping.patience, model, ckpt_dir)
-        log.info("epoch %d: %s", epoch, _format_record(record))
-        if progress:
-            tqdm.write(f"epoch {epoch}: {_format_record(record)}")
+        if main:  # the other ranks wait in broadcast_json below
+            if validate is not None:
+                model.eval()
+                record.update({f"valid_{k}": v for k, v in validate().items()})
+            state["history"].append(record)
+            state["epoch"] = epoch
+            if stopping is not None:
+                _update_early_stopping(state, record, stopping.metric, stopping.patience, model, ckpt_dir)
+            log.info("epoch %d: %s", epoch, _format_record(record))
+            if progress:
+                tqdm.write(f"epoch {epoch}: {_format_record(record)}")
+        # Rank 0's record and early-stopping decision, on every rank (the object itself with one process).
+        state = distributed.broadcast_json(state)
         save_checkpoint(ckpt_dir / "last", model, optimizer, state)
 
     if stopping is not None and state["best_epoch"] is not None:
@@ -183,29 +215,59 @@ def save_checkpoint(prefix: Path, model: nn.Module, optimizer: torch.optim.Optim
 
     The JSON is the commit record and names its tensors file: each epoch writes a new tensors file
     first, then the JSON, then deletes older tensors files. A crash at any point leaves a JSON that
-    points at a complete tensors file of the same epoch.
+    points at a complete tensors file of the same epoch. With several processes every rank calls it:
+    the ranks' RNG states are gathered (``rng.torch`` is rank 0's, ``rng.torch.rankR`` rank R's), rank 0
+    writes - weights and optimizer state are the same on every rank - and the others wait until it has.
     """
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    tensors_name = f"{prefix.name}-epoch{state['epoch']:04d}.safetensors"
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    optim_tensors, optim_json = _split_optimizer_state(optimizer.state_dict())
-    tensors.update({f"optim.{k}": v for k, v in optim_tensors.items()})
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_tensors(prefix.parent / tensors_name, tensors)
-    write_json(prefix.with_suffix(".json"), {**state, "tensors": tensors_name, "optimizer": optim_json})
-    for old in prefix.parent.glob(f"{prefix.name}-epoch*.safetensors"):
-        if old.name != tensors_name:
-            old.unlink(missing_ok=True)
+    rng = _rng_states(model)
+    if distributed.is_main():
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        tensors_name = f"{prefix.name}-epoch{state['epoch']:04d}.safetensors"
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        optim_tensors, optim_json = _split_optimizer_state(optimizer.state_dict())
+        tensors.update({f"optim.{k}": v for k, v in optim_tensors.items()})
+        tensors.update(rng)
+        save_tensors(prefix.parent / tensors_name, tensors)
+        meta = {**state, "tensors": tensors_name, "optimizer": optim_json}
+        write_json(prefix.with_suffix(".json"), {**meta, "world_size": distributed.world_size()})
+        for old in prefix.parent.glob(f"{prefix.name}-epoch*.safetensors"):
+            if old.name != tensors_name:
+                old.unlink(missing_ok=True)
+    distributed.barrier()
 
 
-def load_checkpoint(prefix: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(
+    prefix: Path, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int = 0
+) -> dict[str, Any]:
+    """Load weights, optimizer state and this rank's RNG state; returns the training state (JSON)."""
     meta = read_json(prefix.with_suffix(".json"))
     tensors = load_tensors(prefix.parent / meta.pop("tensors"))
+    meta.pop("world_size", None)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
     optimizer.load_state_dict(_join_optimizer_state(optim, meta.pop("optimizer")))
-    torch.set_rng_state(tensors["rng.torch"])
+    rank = distributed.rank()
+    key = "rng.torch" if rank == 0 else f"rng.torch.rank{rank}"
+    if key in tensors:
+        torch.set_rng_state(tensors[key])
+    else:  # resumed on more processes than were saved: this rank starts a stream of its own
+        log.warning("checkpoint %s has no RNG state for rank %d: reseeding it", prefix, rank)
+        torch.manual_seed(distributed.rank_seed(seed + int(meta["epoch"])))
+    device = next(model.parameters()).device
+    if device.type == "cuda" and f"rng.cuda.rank{rank}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{rank}"], device)
     return meta
+
+
+def _rng_states(model: nn.Module) -> dict[str, Tensor]:
+    """Every rank's RNG state (collective): the CPU generator's, and the GPU's when training on one."""
+    states = distributed.all_gather_cpu(torch.get_rng_state())
+    out = {("rng.torch" if r == 0 else f"rng.torch.rank{r}"): s for r, s in enumerate(states)}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        cuda = distributed.all_gather_cpu(torch.cuda.get_rng_state(device))
+        out.update({f"rng.cuda.rank{r}": s for r, s in enumerate(cuda)})
+    return out
 
 
 def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -1,0 +1,125 @@
+"""`twotower align RUN_DIR --out NEW_RUN`: a run's retrieval fine-tuned towards the run's own main ranker.
+
+The run must have a ranker (``twotower train-ranker``). The new run is a copy of the old one whose
+retrieval weights went through :func:`twotower.align.align_retrieval`: the retrieval loss on the run's
+training pairs (plus, with an impression log, its clicks as positives weighted by
+:mod:`twotower.debiased_labels`), and the enabled alignment terms - distillation, the ranker as reward -
+on every user's candidate list.
+
+The rankers are *not* copied: their pair features are the retrieval embeddings they were trained on,
+and those just changed, so serving them on the new towers would feed them inputs they never saw (the
+export refuses it by hash). Retrain them on the new run - ``twotower train-ranker NEW_RUN LOG`` - the
+alignment itself is measured against the old ranker, which ``align.json`` names by hash.
+
+The new run is built in a hidden sibling directory and renamed into place, so a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from twotower.align import AlignConfig, Teacher, align_retrieval
+from twotower.data.dataset import Interactions
+from twotower.data.impressions import read_impressions
+from twotower.debiased_labels import DebiasConfig, debiased_labels
+from twotower.recommender import Retriever
+from twotower.reranker import RANKER_DIR, STAGES, RunRanker, sha256_file
+from twotower.storage import load_tensors, save_tensors, write_json
+
+__all__ = ["AlignRunConfig", "align_run"]
+
+log = logging.getLogger("twotower")
+
+
+class AlignRunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    debias: DebiasConfig = Field(default_factory=DebiasConfig)
+    batch_size: int = Field(512, ge=2, description="positives per step (the retrieval loss)")
+
+
+def _click_positives(
+    path: Path, config: AlignRunConfig, ranker: RunRanker, retriever: Retriever
+) -> Interactions:
+    # The columns the ranker was trained with: the same log format, its context column included.
+    frame = read_impressions(path, ranker.config.columns).frame
+    labels = debiased_labels(frame, ranker, config.debias)
+    clicked = labels[labels["clicked"].to_numpy(dtype=bool)]
+    # Ids are compared as text, as the ranker does: a log and a run may type an id column differently.
+    users = pd.Index(retriever.user_ids.astype(str)).get_indexer(clicked["user_id"].astype(str))
+    items = pd.Index(retriever.item_ids.astype(str)).get_indexer(clicked["item_id"].astype(str))
+    known = (users >= 0) & (items >= 0)
+    if not known.all():
+        log.warning("%s: %d clicks name users or items outside the run; ignored", path, int((~known).sum()))
+    return Interactions(
+        torch.from_numpy(users[known].astype("int64")),
+        torch.from_numpy(items[known].astype("int64")),
+        torch.tensor(clicked["weight"].to_numpy(dtype="float32")[known]),
+    )
+
+
+def align_run(
+    run_dir: str | Path,
+    out: str | Path,
+    config: AlignRunConfig | None = None,
+    impressions: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write ``out``: the run with its retrieval aligned to its ranker (see the module docstring)."""
+    run_dir, out = Path(run_dir), Path(out)
+    config = config or AlignRunConfig()
+    if out.exists():
+        raise FileExistsError(f"{out} exists: choose a new directory for the aligned run")
+    ranker = RunRanker.load(run_dir, RANKER_DIR)
+    if ranker is None:
+        raise FileNotFoundError(f"{run_dir} has no ranker: `twotower train-ranker {run_dir} LOG` trains one")
+    retriever = Retriever.load(run_dir)
+    model = retriever.model.eval()
+    teacher = Teacher(ranker, model.user_embeddings(), model.item_embeddings())
+    pairs = load_tensors(run_dir / "train_pairs.safetensors")
+    positives = Interactions(pairs["user_idx"].long(), pairs["item_idx"].long())
+    n_clicks = 0
+    if impressions is not None:
+        clicks = _click_positives(Path(impressions), config, ranker, retriever)
+        n_clicks = len(clicks)
+        positives = Interactions(
+            torch.cat([positives.user_idx, clicks.user_idx]),
+            torch.cat([positives.item_idx, clicks.item_idx]),
+            torch.cat([torch.ones(len(positives)), clicks.weight]),
+        )
+    history = align_retrieval(model, teacher, positives, config.align, config.batch_size, progress)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        # Rankers: see the module docstring. Metrics and reports: they describe the old weights.
+        stale = {"metrics.json", "demo_summary.json", "funnel.json", "report", "report.html"}
+        skip = {*STAGES, "checkpoints", "export", *stale}
+        for entry in run_dir.iterdir():
+            if entry.name not in skip:
+                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staging / entry.name)
+        save_tensors(staging / "model.safetensors", model.state_dict())
+        summary = {
+            "source_run": str(run_dir.resolve()),
+            "teacher_ranker_retrieval_sha256": ranker.retrieval_sha256,
+            "source_model_sha256": sha256_file(run_dir / "model.safetensors"),
+            "config": config.model_dump(mode="json"),
+            "positives": len(positives),
+            "click_positives": n_clicks,
+            "history": history,
+        }
+        write_json(staging / "align.json", summary)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary

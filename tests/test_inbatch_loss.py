@@ -1,0 +1,120 @@
+"""The fused in-batch softmax equals RetrievalTask's general path: loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from twotower.frequency import CountFrequency
+from twotower.inbatch_loss import accidental_hits, inbatch_softmax, is_plain_inbatch
+from twotower.negatives import UniformSampler
+from twotower.tasks import RetrievalTask
+
+
+def _inputs(b: int = 96, d: int = 16, n_items: int = 40, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, n_items, (b,), generator=g)  # many repeats: accidental hits everywhere
+    query = F.normalize(torch.randn(b, d, generator=g), dim=-1).requires_grad_()
+    cand = F.normalize(torch.randn(b, d, generator=g), dim=-1).requires_grad_()
+    counts = torch.randint(1, 100, (n_items,), generator=g)
+    weight = torch.rand(b, generator=g) + 0.1
+    return query, cand, ids, counts, weight
+
+
+def _loss_and_grads(fn, query, cand):
+    query.grad = cand.grad = None
+    loss = fn()
+    loss.backward()
+    return loss.detach(), query.grad.clone(), cand.grad.clone()
+
+
+@pytest.mark.parametrize("logq", [False, True])
+@pytest.mark.parametrize("hits", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_equals_the_general_retrieval_task(logq, hits, weighted):
+    query, cand, ids, counts, weight = _inputs()
+    freq = CountFrequency(counts) if logq else None
+    task = RetrievalTask(temperature=0.2, remove_accidental_hits=hits, sampling_probability=freq)
+    w = weight if weighted else None
+    want = _loss_and_grads(lambda: task(query, cand, ids, w), query, cand)
+    got = _loss_and_grads(
+        lambda: inbatch_softmax(
+            query,
+            cand,
+            0.2,
+            candidate_ids=ids if hits else None,
+            log_q=freq.log_probability(ids) if logq else None,
+            weight=w,
+        ),
+        query,
+        cand,
+    )
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_positive_column_with_extra_candidates_equals_the_square_case():
+    # Candidates gathered from elsewhere (e.g. other ranks) come before and after this batch's own.
+    query, cand, ids, counts, _ = _inputs(b=32)
+    g = torch.Generator().manual_seed(5)
+    before, after = F.normalize(torch.randn(10, 16, generator=g), dim=-1), torch.zeros(0, 16)
+    all_cand = torch.cat([before, cand, after])
+    all_ids = torch.cat([torch.randint(0, 40, (10,), generator=g), ids])
+    log_q = CountFrequency(counts).log_probability(all_ids)
+    got = inbatch_softmax(
+        query, all_cand, 0.1, positive_column=torch.arange(10, 42), candidate_ids=all_ids, log_q=log_q
+    )
+    # Reference: the definition, written out with a dense mask.
+    z = query @ all_cand.T / 0.1 - log_q.float()[None, :]
+    pos = torch.arange(10, 42)
+    hit = (all_ids[None, :] == all_ids[pos][:, None]) & (torch.arange(42)[None, :] != pos[:, None])
+    want = (torch.logsumexp(z.masked_fill(hit, float("-inf")), 1) - z[torch.arange(32), pos]).mean()
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="positive_column"):
+        inbatch_softmax(query, all_cand, 0.1)
+
+
+def test_accidental_hits_are_exactly_the_repeated_positive_items():
+    ids = torch.tensor([7, 3, 7, 9, 3, 7])
+    rows, cols = accidental_hits(ids, torch.arange(6))
+    pairs = set(zip(rows.tolist(), cols.tolist(), strict=True))
+    assert pairs == {(0, 2), (0, 5), (2, 0), (2, 5), (5, 0), (5, 2), (1, 4), (4, 1)}
+    rows, _ = accidental_hits(torch.arange(5), torch.arange(5))
+    assert rows.numel() == 0
+
+
+def test_plain_inbatch_detection():
+    assert is_plain_inbatch(RetrievalTask(temperature=0.1))
+    sampled = RetrievalTask(temperature=0.1, sampler=UniformSampler(10), num_sampled=4)
+    assert not is_plain_inbatch(sampled)
+    assert not is_plain_inbatch(RetrievalTask(temperature=0.1, objective="hinge"))
+
+
+def test_reused_workspace_is_never_shared_by_two_live_graphs():
+    query, cand, ids, counts, _ = _inputs()
+    log_q = CountFrequency(counts).log_probability(ids)
+
+    def loss(scale: float):
+        return inbatch_softmax(query * scale, cand, 0.2, candidate_ids=ids, log_q=log_q)
+
+    want = []
+    for scale in (1.0, 0.5):  # one graph at a time: the buffer is reused
+        want.append(_loss_and_grads(lambda s=scale: loss(s), query, cand))
+    # Both graphs alive at once (the second must not overwrite the first's softmax), then backward.
+    first, second = loss(1.0), loss(0.5)
+    query.grad = cand.grad = None
+    second.backward()
+    got_second = (second.detach(), query.grad.clone(), cand.grad.clone())
+    query.grad = cand.grad = None
+    first.backward()
+    got_first = (first.detach(), query.grad.clone(), cand.grad.clone())
+    for got, ref in ((got_first, want[0]), (got_second, want[1])):
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b)
+    again = loss(1.0)
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        again.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(loss(1.0), want[0][0])
