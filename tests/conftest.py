@@ -29,6 +29,23 @@ def tiny_config(**train) -> RunConfig:
     )
 
 
+def train_small_run(out: Path, world_seed: int) -> Path:
+    """Train a 150-user x 90-item synthetic run (small towers, temporal split) into ``out``: a few
+    seconds, for tests that need a trained run directory rather than a particular model."""
+    from twotower.experiment import train_run
+
+    config = RunConfig.model_validate(
+        {
+            "data": {"source": "synthetic", "world": {"num_users": 150, "num_items": 90, "seed": world_seed}},
+            "model": {"temperature": 0.1, "user_tower": {"layers": [16]}, "item_tower": {"layers": [16]}},
+            "train": {"epochs": 3, "batch_size": 128, "lr": 0.01, "seed": 0},
+            "eval": {"protocol": "temporal", "ks": [10]},
+        }
+    )
+    train_run(config, out, progress=False)
+    return out
+
+
 @pytest.fixture
 def ml100k() -> Path:
     if not (ML100K / "u.data").exists():

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_small_run
 from twotower.align import AlignConfig, Teacher, align_retrieval, candidate_lists, distill_light_ranker
-from twotower.config import RunConfig
 from twotower.data.impression_sim import simulate_impressions
 from twotower.distillation import AlignmentConfig
-from twotower.experiment import train_run
 from twotower.funnel_metrics import rank_correlation, ranker_topk_recall
 from twotower.recommender import Retriever
 from twotower.reranker import RunRankerConfig, fit_run_ranker
@@ -43,15 +42,7 @@ def test_candidate_lists_by_hand() -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("align") / "run"
-    config = RunConfig.model_validate(
-        {
-            "data": {"source": "synthetic", "world": {"num_users": 150, "num_items": 90, "seed": 1}},
-            "model": {"temperature": 0.1, "user_tower": {"layers": [16]}, "item_tower": {"layers": [16]}},
-            "train": {"epochs": 3, "batch_size": 128, "lr": 0.01, "seed": 0},
-            "eval": {"protocol": "temporal", "ks": [10]},
-        }
-    )
-    train_run(config, out, progress=False)
+    train_small_run(out, world_seed=1)
     return out
 
 

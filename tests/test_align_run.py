@@ -6,13 +6,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import train_small_run
 from twotower.align import Teacher
 from twotower.align_run import AlignRunConfig, align_run
 from twotower.cli import app
-from twotower.config import RunConfig, load_config
+from twotower.config import load_config
 from twotower.data.impression_sim import simulate_impressions
 from twotower.data.synthetic import SyntheticWorld
-from twotower.experiment import train_run
 from twotower.funnel_metrics import ranker_topk_recall
 from twotower.recommender import Retriever
 from twotower.reranker import RunRanker, RunRankerConfig, train_run_ranker
@@ -26,15 +26,7 @@ runner = CliRunner()
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("align_run")
     out = root / "run"
-    config = RunConfig.model_validate(
-        {
-            "data": {"source": "synthetic", "world": {"num_users": 150, "num_items": 90, "seed": 2}},
-            "model": {"temperature": 0.1, "user_tower": {"layers": [16]}, "item_tower": {"layers": [16]}},
-            "train": {"epochs": 3, "batch_size": 128, "lr": 0.01, "seed": 0},
-            "eval": {"protocol": "temporal", "ks": [10]},
-        }
-    )
-    train_run(config, out, progress=False)
+    train_small_run(out, world_seed=2)
     world = SyntheticWorld.generate(load_config(out / "config.yaml").data.world)
     log = simulate_impressions(
         Retriever.load(out), world, 1500, seed=0, candidates=40, relevance="taste", offset=1.0
