@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
@@ -45,6 +47,8 @@ __all__ = [
     "align_retrieval",
     "alignment_lists",
     "candidate_lists",
+    "click_positives",
+    "concat_positives",
     "distill_light_ranker",
 ]
 
@@ -126,6 +130,32 @@ def alignment_lists(
         model.user_embeddings(), model.item_embeddings(), config.candidates, config.random, config.seed
     )
     return items, mask, teacher.logits(torch.arange(model.num_users), items)
+
+
+def click_positives(labels: pd.DataFrame, user_ids: np.ndarray, item_ids: np.ndarray) -> Interactions:
+    """The clicked rows of a :func:`~twotower.debiased_labels.debiased_labels` frame as retrieval
+    positives: catalogue indices, the frame's ``weight`` as sample weight. Ids are matched as text, as
+    the ranker does (a log and a run may type an id column differently); clicks on users or items
+    outside the catalogue are dropped with a warning."""
+    clicked = labels[labels["clicked"].to_numpy(dtype=bool)]
+    users = pd.Index(user_ids.astype(str)).get_indexer(clicked["user_id"].astype(str))
+    items = pd.Index(item_ids.astype(str)).get_indexer(clicked["item_id"].astype(str))
+    known = (users >= 0) & (items >= 0)
+    if not known.all():
+        log.warning("%d clicks name users or items outside the catalogue; ignored", int((~known).sum()))
+    return Interactions(
+        torch.from_numpy(users[known].astype(np.int64)),
+        torch.from_numpy(items[known].astype(np.int64)),
+        torch.tensor(clicked["weight"].to_numpy(dtype=np.float32)[known]),
+    )
+
+
+def concat_positives(a: Interactions, b: Interactions) -> Interactions:
+    """``a`` then ``b``, weighted (1 where a side has no weights)."""
+    weights = [x.weight if x.weight is not None else torch.ones(len(x)) for x in (a, b)]
+    return Interactions(
+        torch.cat([a.user_idx, b.user_idx]), torch.cat([a.item_idx, b.item_idx]), torch.cat(weights)
+    )
 
 
 def _student_logits(model: TwoTowerModel, users: Tensor, items: Tensor) -> Tensor:

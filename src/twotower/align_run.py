@@ -22,11 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from twotower.align import AlignConfig, Teacher, align_retrieval
+from twotower.align import AlignConfig, Teacher, align_retrieval, click_positives, concat_positives
 from twotower.data.dataset import Interactions
 from twotower.data.impressions import read_impressions
 from twotower.debiased_labels import DebiasConfig, debiased_labels
@@ -47,24 +45,11 @@ class AlignRunConfig(BaseModel):
     batch_size: int = Field(512, ge=2, description="positives per step (the retrieval loss)")
 
 
-def _click_positives(
-    path: Path, config: AlignRunConfig, ranker: RunRanker, retriever: Retriever
-) -> Interactions:
+def _log_clicks(path: Path, config: AlignRunConfig, ranker: RunRanker, retriever: Retriever) -> Interactions:
     # The columns the ranker was trained with: the same log format, its context column included.
     frame = read_impressions(path, ranker.config.columns).frame
     labels = debiased_labels(frame, ranker, config.debias)
-    clicked = labels[labels["clicked"].to_numpy(dtype=bool)]
-    # Ids are compared as text, as the ranker does: a log and a run may type an id column differently.
-    users = pd.Index(retriever.user_ids.astype(str)).get_indexer(clicked["user_id"].astype(str))
-    items = pd.Index(retriever.item_ids.astype(str)).get_indexer(clicked["item_id"].astype(str))
-    known = (users >= 0) & (items >= 0)
-    if not known.all():
-        log.warning("%s: %d clicks name users or items outside the run; ignored", path, int((~known).sum()))
-    return Interactions(
-        torch.from_numpy(users[known].astype("int64")),
-        torch.from_numpy(items[known].astype("int64")),
-        torch.tensor(clicked["weight"].to_numpy(dtype="float32")[known]),
-    )
+    return click_positives(labels, retriever.user_ids, retriever.item_ids)
 
 
 def align_run(
@@ -89,13 +74,9 @@ def align_run(
     positives = Interactions(pairs["user_idx"].long(), pairs["item_idx"].long())
     n_clicks = 0
     if impressions is not None:
-        clicks = _click_positives(Path(impressions), config, ranker, retriever)
+        clicks = _log_clicks(Path(impressions), config, ranker, retriever)
         n_clicks = len(clicks)
-        positives = Interactions(
-            torch.cat([positives.user_idx, clicks.user_idx]),
-            torch.cat([positives.item_idx, clicks.item_idx]),
-            torch.cat([torch.ones(len(positives)), clicks.weight]),
-        )
+        positives = concat_positives(positives, clicks)
     history = align_retrieval(model, teacher, positives, config.align, config.batch_size, progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -115,21 +115,21 @@ def run_demo(
 ) -> dict[str, Any]:
     """Every stage of the funnel on the synthetic world (see :mod:`twotower.funnel_experiment`), then
     the retrieval baselines, ``report.html`` and a summary; returns the summary."""
-    from twotower.funnel_experiment import FunnelExperimentConfig, run_funnel_experiment
+    from twotower.funnel_experiment import FunnelExperimentConfig, retrieval_config, run_funnel_experiment
     from twotower.funnel_metrics import funnel_table
     from twotower.report import FUNNEL_FILE, build_report
 
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    config = demo_config(quick)
-    data = build_retrieval_data(config)
-    world = data.raw.world
-    assert world is not None
-    echo(world.describe())
     experiment = FunnelExperimentConfig(quick=quick, requests=3000 if quick else 8000)
     if quick:
         experiment.align.epochs = 2
-    result = run_funnel_experiment(experiment, out_dir, echo=echo, progress=progress)
+    config = retrieval_config(experiment)
+    data = build_retrieval_data(config)  # built once: the experiment trains on it, the baselines use it
+    world = data.raw.world
+    assert world is not None
+    echo(world.describe())
+    result = run_funnel_experiment(experiment, out_dir, echo=echo, progress=progress, data=data)
     metrics = result["retrieval_metrics"]
     protocol, ks = config.eval.protocol, tuple(config.eval.ks)
     rows = {

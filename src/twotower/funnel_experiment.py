@@ -36,9 +36,12 @@ from twotower.align import (
     align_retrieval,
     alignment_lists,
     candidate_lists,
+    click_positives,
+    concat_positives,
     distill_light_ranker,
 )
-from twotower.data.dataset import Interactions, RetrievalData, build_retrieval_data
+from twotower.config import RunConfig
+from twotower.data.dataset import RetrievalData, build_retrieval_data
 from twotower.data.impression_sim import DEFAULT_ETA, examination, simulate_impressions
 from twotower.debiased_labels import DebiasConfig, debiased_labels
 from twotower.demo import demo_config
@@ -49,7 +52,7 @@ from twotower.ranking import RankerConfig
 from twotower.recommender import Retriever
 from twotower.reranker import RunRanker, RunRankerConfig, train_run_ranker
 
-__all__ = ["FunnelExperimentConfig", "VARIANTS", "click_positives", "run_funnel_experiment"]
+__all__ = ["FunnelExperimentConfig", "VARIANTS", "retrieval_config", "run_funnel_experiment"]
 
 Echo = Callable[[str], Any]
 # name -> (click positives: None | "raw" | "debiased", alignment terms)
@@ -78,33 +81,6 @@ class FunnelExperimentConfig(BaseModel):
     variants: list[str] = Field(default_factory=lambda: list(VARIANTS))
 
 
-def click_positives(labels, data: RetrievalData) -> Interactions:
-    """The clicked rows of a :func:`~twotower.debiased_labels.debiased_labels` frame as retrieval
-    positives (catalogue indices, the frame's ``weight`` as sample weight)."""
-    clicked = labels[labels["clicked"].to_numpy(dtype=bool)]
-    users = np.searchsorted(data.user_ids, clicked["user_id"].to_numpy())
-    items = np.searchsorted(data.item_ids, clicked["item_id"].to_numpy())
-    if (data.user_ids[users] != clicked["user_id"].to_numpy()).any() or (
-        data.item_ids[items] != clicked["item_id"].to_numpy()
-    ).any():
-        raise ValueError("the click log names users or items outside the run's catalogue")
-    return Interactions(
-        torch.from_numpy(users.astype(np.int64)),
-        torch.from_numpy(items.astype(np.int64)),
-        torch.tensor(clicked["weight"].to_numpy(dtype=np.float32)),
-    )
-
-
-def _concat(a: Interactions, b: Interactions) -> Interactions:
-    weight_a = a.weight if a.weight is not None else torch.ones(len(a))
-    weight_b = b.weight if b.weight is not None else torch.ones(len(b))
-    return Interactions(
-        torch.cat([a.user_idx, b.user_idx]),
-        torch.cat([a.item_idx, b.item_idx]),
-        torch.cat([weight_a, weight_b]),
-    )
-
-
 def _ranker_config(config: FunnelExperimentConfig, light: bool) -> RunRankerConfig:
     ranker = RankerConfig(combination="pal", loss="clicks")
     if light:  # a small pointwise model: one hidden layer, no item embedding
@@ -120,11 +96,24 @@ def _ranker_config(config: FunnelExperimentConfig, light: bool) -> RunRankerConf
     )
 
 
+def retrieval_config(config: FunnelExperimentConfig) -> RunConfig:
+    """The retrieval run of the experiment: the demo's, with the experiment's seed for world and training."""
+    run = demo_config(config.quick).model_copy(deep=True)
+    run.train.seed = config.seed
+    run.data.world.seed = config.seed  # type: ignore[union-attr]
+    return run
+
+
 def run_funnel_experiment(
-    config: FunnelExperimentConfig, run_dir: str | Path, echo: Echo = print, progress: bool = False
+    config: FunnelExperimentConfig,
+    run_dir: str | Path,
+    echo: Echo = print,
+    progress: bool = False,
+    data: RetrievalData | None = None,
 ) -> dict[str, Any]:
     """Run every stage (see the module docstring) into ``run_dir``; returns the results, including
-    ``funnel`` ``{row: {metric: value}}`` and what the report needs."""
+    ``funnel`` ``{row: {metric: value}}`` and what the report needs. ``data`` is
+    ``build_retrieval_data(retrieval_config(config))`` when the caller already has it."""
     run_dir, started = Path(run_dir), time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -133,15 +122,13 @@ def run_funnel_experiment(
         timings[name] = round(now - since, 2)
         return now
 
-    retrieval_config = demo_config(config.quick).model_copy(deep=True)
-    retrieval_config.train.seed = config.seed
-    retrieval_config.data.world.seed = config.seed  # type: ignore[union-attr]
-    data = build_retrieval_data(retrieval_config)
+    run_config = retrieval_config(config)
+    data = data or build_retrieval_data(run_config)
     world = data.raw.world
     assert world is not None
     echo(f"[1/6] world: {data.num_users:,} users, {data.num_items:,} items, {len(data.train):,} interactions")
     t = time.perf_counter()
-    metrics = train_run(retrieval_config, run_dir, progress=progress, data=data)
+    metrics = train_run(run_config, run_dir, progress=progress, data=data)
     t = lap("retrieval", t)
     echo(f"[2/6] retrieval trained: recall@10 {metrics['recall@10']:.4f} (leave-last-out)")
 
@@ -174,8 +161,8 @@ def run_funnel_experiment(
     ranker_top = teacher.top(users, config.funnel.k)
     labels = debiased_labels(log, ranker, DebiasConfig(method="ipw"))
     clicks = {
-        "raw": click_positives(labels.assign(weight=1.0), data),
-        "debiased": click_positives(labels, data),
+        "raw": click_positives(labels.assign(weight=1.0), data.user_ids, data.item_ids),
+        "debiased": click_positives(labels, data.user_ids, data.item_ids),
     }
 
     fc = config.funnel
@@ -188,10 +175,10 @@ def run_funnel_experiment(
     for name in config.variants:
         source, terms = VARIANTS[name]
         student = copy.deepcopy(model)
-        positives = data.train if source is None else _concat(data.train, clicks[source])
+        positives = data.train if source is None else concat_positives(data.train, clicks[source])
         align = align_config.model_copy(update={"alignment": terms})
         curves[name] = align_retrieval(
-            student, teacher, positives, align, retrieval_config.train.batch_size, progress, lists=shared
+            student, teacher, positives, align, run_config.train.batch_size, progress, lists=shared
         )
         lists = run_funnel(student, teacher, light, fc)
         rows[name] = evaluate_funnel(lists, teacher, relevance, fc, ranker_top=ranker_top)
