@@ -15,10 +15,10 @@ sampled every 50 ms, and each worker's own getrusage peak):
   streaming reader, for their peak memory.
 
 For each model a FLOP ceiling (bench/flop_ceiling.py): the step's matrix products timed one by one on
-this machine; ``ceiling_fraction`` = achieved / ceiling examples/s. ``twotower-fused-loss`` rows route
-the in-batch softmax through ``twotower.inbatch_loss`` (not yet wired into ``twotower.tasks``; see its
-docstring) to measure what that change buys. Writes bench/results/throughput.{json,md} (quick:
-throughput_quick.*).
+this machine; ``ceiling_fraction`` = achieved / ceiling examples/s. The in-batch softmax runs through
+the fused kernel (``twotower.inbatch_loss``, the default); ``twotower-general-loss`` rows run
+``RetrievalTask``'s general path instead (``task.fused_inbatch: false``), to show what the kernel buys.
+Writes bench/results/throughput.{json,md} (quick: throughput_quick.*).
 """
 
 from __future__ import annotations
@@ -184,11 +184,12 @@ def bench_ml100k(args: argparse.Namespace, data: Path) -> list[dict[str, Any]]:
         got = ml100k_cli(data, epochs, nproc)
         add(method, got["examples_per_s"], got["peak_rss_mb"], config=CONFIG, processes=nproc,
             final_epoch_loss=got["final_loss"])  # fmt: skip
-    fused = worker("ml100k-train", data, "full", "--epochs", str(epochs), "--fused-loss")
-    history = fused["history"]
-    add("twotower-fused-loss-1proc", [h["examples_per_s"] for h in history][1:], fused["peak_rss_mb_tree"],
-        config=CONFIG, processes=1, final_epoch_loss=history[-1]["loss"])  # fmt: skip
-    ones = {m: rates[m] for m in ("twotower-1proc", "twotower-fused-loss-1proc")}
+    general = worker("ml100k-train", data, "full", "--epochs", str(epochs), "--general-loss")
+    history = general["history"]
+    add("twotower-general-loss-1proc", [h["examples_per_s"] for h in history][1:],
+        general["peak_rss_mb_tree"], config=CONFIG, processes=1,
+        final_epoch_loss=history[-1]["loss"])  # fmt: skip
+    ones = {m: rates[m] for m in ("twotower-1proc", "twotower-general-loss-1proc")}
     rows.extend(ceiling_rows("ml-100k", before, ceiling(1024, 64, [], [], args.quick), 1024, ones))
     tf_python = Path(args.tf_python)
     if args.quick or not tf_python.exists():
@@ -198,7 +199,7 @@ def bench_ml100k(args: argparse.Namespace, data: Path) -> list[dict[str, Any]]:
         got = ml100k_tfrs(data, epochs, tf_python, jit)
         add("tfrs-xla-1proc" if jit else "tfrs-1proc", got["examples_per_s"], got["peak_rss_mb"],
             versions=got["versions"], final_epoch_loss=got["loss"][-1])  # fmt: skip
-    for method in ("twotower-1proc", "twotower-fused-loss-1proc"):
+    for method in ("twotower-1proc", "twotower-general-loss-1proc"):
         rows.append(row("ml-100k", method, "speedup_vs_tfrs", [rates[method] / rates["tfrs-1proc"]]))
         rows.append(row("ml-100k", method, "speedup_vs_tfrs_xla", [rates[method] / rates["tfrs-xla-1proc"]]))
     return rows
@@ -252,7 +253,7 @@ def bench_scale(args: argparse.Namespace) -> list[dict[str, Any]]:
     batch = spec["train"]["batch_size"]
     before = ceiling(batch, 64, user, item, args.quick)
     steps = ["--steps", str(6 if args.quick else args.steps), "--epochs", "2"]
-    runs = {"twotower-1proc": ([], 1), "twotower-fused-loss-1proc": (["--fused-loss"], 1)}
+    runs = {"twotower-1proc": ([], 1), "twotower-general-loss-1proc": (["--general-loss"], 1)}
     if not args.quick:
         runs["twotower-2proc"] = ([], 2)
     rates = {}
@@ -264,7 +265,7 @@ def bench_scale(args: argparse.Namespace) -> list[dict[str, Any]]:
                      threads_per_process=got["threads"], steps_measured=int(steps[1])),
                  row(dataset, method, "peak_rss_mb", [got["peak_rss_mb_tree"]], processes=nproc)]  # fmt: skip
         rates[method] = statistics.fmean(measured)
-    ones = {m: rates[m] for m in ("twotower-1proc", "twotower-fused-loss-1proc")}
+    ones = {m: rates[m] for m in ("twotower-1proc", "twotower-general-loss-1proc")}
     after = ceiling(batch, 64, user, item, args.quick)
     rows += ceiling_rows(dataset, before, after, batch, ones)
     return rows

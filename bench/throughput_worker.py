@@ -119,41 +119,6 @@ def build_scale_model(data_dir: Path, spec: dict[str, Any]) -> tuple[TwoTowerMod
     return model, time.perf_counter() - t0
 
 
-def use_fused_inbatch_loss() -> None:
-    """Route RetrievalTask's plain in-batch softmax through ``twotower.inbatch_loss`` (one process).
-
-    Measures what the fused loss buys before it is wired into ``twotower.tasks``: the bookkeeping is
-    RetrievalTask's own (step counter, streaming estimator update), the loss is the fused one, which
-    tests/test_inbatch_loss.py checks against the general path.
-    """
-    from twotower import distributed
-    from twotower.inbatch_loss import inbatch_softmax, is_plain_inbatch
-    from twotower.tasks import RetrievalTask
-
-    if distributed.world_size() > 1:
-        raise SystemExit("--fused-loss measures one process (the fused loss has no cross-rank gather)")
-    general = RetrievalTask.forward
-
-    def forward(self, query, candidates, candidate_ids, sample_weight=None, *, batch=None, embed_items=None):
-        if not is_plain_inbatch(self):
-            return general(
-                self, query, candidates, candidate_ids, sample_weight, batch=batch, embed_items=embed_items
-            )
-        if self.training:
-            self.step += 1
-            if self.sampling_probability is not None:
-                self.sampling_probability.update(candidate_ids)
-        log_q = None
-        if self.sampling_probability is not None:
-            log_q = self.sampling_probability.log_probability(candidate_ids)
-        hits = candidate_ids if self.remove_accidental_hits else None
-        return inbatch_softmax(
-            query, candidates, self.temperature, candidate_ids=hits, log_q=log_q, weight=sample_weight
-        )
-
-    RetrievalTask.forward = forward
-
-
 # --- jobs -------------------------------------------------------------------------------------------
 
 
@@ -200,8 +165,7 @@ def job_scale_train(args: argparse.Namespace) -> dict[str, Any]:
         spec = scale_model(args.size)
         torch.manual_seed(0)
         model, setup_seconds = build_scale_model(args.data_dir, spec)
-        if args.fused_loss:
-            use_fused_inbatch_loss()
+        model.task.fused = not args.general_loss
         source = stream(args.data_dir, spec)
         depth = spec["stream"]["prefetch"]
 
@@ -233,14 +197,14 @@ def job_scale_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def job_ml100k_train(args: argparse.Namespace) -> dict[str, Any]:
     """``twotower train configs/ml100k.yaml`` in-process (train_run, as the CLI calls it), so the loss
-    can be switched to the fused one; DATA_DIR is the ML-100K folder."""
+    can be switched to the general path; DATA_DIR is the ML-100K folder."""
     from twotower.config import load_config
     from twotower.experiment import train_run
 
-    if args.fused_loss:
-        use_fused_inbatch_loss()
     root = Path(__file__).resolve().parents[1]
     overrides = [f"data.path={args.data_dir}", f"train.epochs={args.epochs}"]
+    if args.general_loss:
+        overrides.append("task.fused_inbatch=false")
     config = load_config(root / "configs" / "ml100k.yaml", overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         metrics = train_run(config, run_dir, progress=False)
@@ -266,7 +230,9 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--steps", type=int, default=200, help="scale-train: steps per epoch")
     parser.add_argument("--epochs", type=int, default=2, help="training jobs: the first one warms up")
-    parser.add_argument("--fused-loss", action="store_true", help="scale-train: twotower.inbatch_loss")
+    parser.add_argument(
+        "--general-loss", action="store_true", help="RetrievalTask's general path, not the fused kernel"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result = JOBS[args.job](args)

@@ -81,3 +81,14 @@ def test_retriever_recommends_raw_ids_excluding_seen_and_re_evaluates(demo_run):
         retriever.recommend([99999])
     again = evaluate_run(run_dir)
     assert again["recall@10"] == pytest.approx(metrics["recall@10"])
+
+
+def test_prefetching_batches_on_a_thread_trains_the_same_model(tmp_path):
+    from twotower.storage import load_tensors
+
+    runs = {}
+    for depth in (0, 2):
+        runs[depth] = train_run(tiny_config(prefetch=depth), tmp_path / str(depth), progress=False)
+    assert runs[0]["ndcg@10"] == runs[2]["ndcg@10"]
+    a, b = (load_tensors(tmp_path / str(d) / "model.safetensors") for d in (0, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)

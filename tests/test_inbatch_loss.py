@@ -35,7 +35,7 @@ def _loss_and_grads(fn, query, cand):
 def test_equals_the_general_retrieval_task(logq, hits, weighted):
     query, cand, ids, counts, weight = _inputs()
     freq = CountFrequency(counts) if logq else None
-    task = RetrievalTask(temperature=0.2, remove_accidental_hits=hits, sampling_probability=freq)
+    task = RetrievalTask(temperature=0.2, remove_accidental_hits=hits, sampling_probability=freq, fused=False)
     w = weight if weighted else None
     want = _loss_and_grads(lambda: task(query, cand, ids, w), query, cand)
     got = _loss_and_grads(
@@ -118,3 +118,44 @@ def test_reused_workspace_is_never_shared_by_two_live_graphs():
         again.backward()
     with torch.no_grad():
         torch.testing.assert_close(loss(1.0), want[0][0])
+
+
+@pytest.mark.parametrize("logq", ["counts", "streaming"])
+def test_the_task_takes_the_fused_path_by_default_and_matches_the_general_one(logq, monkeypatch):
+    import twotower.tasks as tasks_module
+    from twotower.frequency import StreamingFrequencyEstimator
+
+    query, cand, ids, counts, weight = _inputs()
+
+    def estimator():
+        if logq == "counts":
+            return CountFrequency(counts)
+        return StreamingFrequencyEstimator(num_buckets=64, num_hashes=2, alpha=0.05, seed=3)
+
+    calls = []
+    original = tasks_module.inbatch_softmax
+    monkeypatch.setattr(tasks_module, "inbatch_softmax", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fused = RetrievalTask(temperature=0.2, sampling_probability=estimator())
+    general = RetrievalTask(temperature=0.2, sampling_probability=estimator(), fused=False)
+    for _ in range(3):  # the streaming estimator learns from every step on both paths alike
+        got = _loss_and_grads(lambda: fused(query, cand, ids, weight), query, cand)
+        want = _loss_and_grads(lambda: general(query, cand, ids, weight), query, cand)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 3
+    # A scheme beyond the plain in-batch softmax keeps the general path.
+    sampled = RetrievalTask(temperature=0.2, sampler=UniformSampler(40), num_sampled=4)
+    sampled(query, cand, ids, weight, embed_items=lambda i: F.normalize(torch.randn(len(i), 16), dim=-1))
+    assert len(calls) == 3
+
+
+def test_accidental_hits_equal_the_dense_definition_with_extra_candidates():
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 30, (200,), generator=g)
+    positive_column = torch.arange(40, 140)  # 100 rows; candidates before and after theirs
+    rows, cols = accidental_hits(ids, positive_column)
+    dense = (ids[None, :] == ids[positive_column][:, None]) & (
+        torch.arange(200)[None, :] != positive_column[:, None]
+    )
+    want = torch.nonzero(dense, as_tuple=True)
+    assert torch.equal(rows, want[0]) and torch.equal(cols, want[1])

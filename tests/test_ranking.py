@@ -128,3 +128,80 @@ def test_position_feature_baseline_scores_at_its_inference_position():
     assert not torch.allclose(at_one, at_four)
     with pytest.raises(ValueError, match="no bias tower"):
         model.bias_logit({"position": torch.ones(1, 4, dtype=torch.long)})
+
+
+def test_gradient_reversal_is_identity_forward_and_negated_scaled_backward():
+    from twotower.ranking import gradient_reversal
+
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = gradient_reversal(x, 0.5)
+    assert torch.equal(y, x)
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert x.grad.tolist() == [-0.5, -1.0, -1.5]
+
+
+def test_adversary_loss_and_its_gradients_by_hand():
+    """Adversary guess = 2 relu(b) + .5; loss = BCE + mean (guess - r)^2; the bias gets -lambda * d/db."""
+    ln3 = math.log(3.0)
+    batch = _batch([0.0, ln3, 1.0], [1.0, 0.0, 1.0])
+    batch["mask"] = torch.tensor([[True, True, False]])
+    model = _ranker(combination="additive", adversarial=0.25, adversary_hidden=1)
+    b = torch.tensor([[0.0, -ln3, 1.0]], requires_grad=True)
+    model.bias = _Fixed(b)
+    first, second = model.adversary[0], model.adversary[2]
+    with torch.no_grad():
+        first.weight.fill_(1.0), first.bias.zero_(), second.weight.fill_(2.0), second.bias.fill_(0.5)
+    model.eval()  # no dropout anywhere; the loss is the same function in train mode here
+    # Slot 1: guess .5, r 0 -> .25; slot 2: relu(-ln 3) = 0, guess .5, r ln 3 -> (.5 - ln 3)^2; slot 3 masked.
+    adv = (0.25 + (0.5 - ln3) ** 2) / 2
+    # Clicks: sigmoid(0 + 0) = .5 clicked; sigmoid(ln 3 - ln 3) = .5 not clicked: ln 2 each.
+    assert model.compute_loss(batch).item() == pytest.approx(math.log(2.0) + adv, rel=1e-6)
+    model.compute_loss(batch).backward()
+    # d BCE / d b = (p - c) / 2: -.25 (slot 1), .25 (slot 2), 0 (masked slot 3). The adversary adds
+    # nothing here: relu'(b) = 0 at b = 0 (torch's convention) and at b = -ln 3.
+    assert b.grad[0].tolist() == pytest.approx([-0.25, 0.25, 0.0])
+    # The adversary itself descends its loss: d adv / d second.bias = mean 2 (guess - r) over the 2 slots.
+    assert second.bias.grad.item() == pytest.approx((2 * 0.5 + 2 * (0.5 - ln3)) / 2)
+    # The relevance tower gets no gradient from the adversary (r is detached there): only the BCE's.
+    lin = model.relevance.mlp[0]
+    assert lin.weight.grad[0, 0].item() == pytest.approx((-0.5 * 0.0 + 0.5 * ln3) / 2)
+
+
+def test_adversary_reverses_into_the_bias_tower():
+    """With b > 0 the adversary's gradient reaches the bias logit negated and scaled by lambda."""
+    batch = _batch([0.0, 0.0], [0.0, 0.0])
+    model = _ranker(combination="additive", adversarial=0.25, adversary_hidden=1)
+    b = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    model.bias = _Fixed(b)
+    first, second = model.adversary[0], model.adversary[2]
+    with torch.no_grad():
+        first.weight.fill_(1.0), first.bias.zero_(), second.weight.fill_(2.0), second.bias.zero_()
+    model.eval()
+    model.compute_loss(batch).backward()
+    # guess = 2 b, r = 0: adv = mean (2 b)^2, d adv / d b = 8 b / 2 = 4 b -> reversed: -.25 * 4 b = -b.
+    # BCE: d/db = sigmoid(b) / 2 (no clicks).
+    sig = torch.sigmoid(torch.tensor([1.0, 2.0]))
+    assert b.grad[0].tolist() == pytest.approx((sig / 2 - torch.tensor([1.0, 2.0])).tolist(), rel=1e-5)
+    with pytest.raises(ValueError, match="needs a bias tower"):
+        _ranker(combination="none", adversarial=1.0)
+
+
+def test_linear_adversary_is_the_squared_correlation_by_hand():
+    """r = (0, 1, 2), b = (1, 0, 2): centred (-1, 0, 1), (0, -1, 1); cov 1/3, variances 2/3: corr^2 1/4."""
+    batch = _batch([0.0, 1.0, 2.0, 5.0], [0.0, 0.0, 0.0, 0.0])
+    batch["mask"] = torch.tensor([[True, True, True, False]])  # the 4th slot must not count
+    model = _ranker(combination="pal", adversarial=2.0, adversary="linear")
+    assert model.adversary is None  # nothing to train: the best linear adversary is closed-form
+    b = torch.tensor([[1.0, 0.0, 2.0, -7.0]], requires_grad=True)
+    model.bias = _Fixed(b)
+    model.eval()
+    r = model.relevance_logit(batch)
+    penalty = model.adversary_loss(r, b, batch["mask"])
+    assert penalty.item() == pytest.approx(2.0 * 0.25)
+    penalty.backward()
+    assert model.relevance.mlp[0].weight.grad is None  # r is detached: only the bias is pushed
+    assert b.grad[0, 3].item() == 0.0 and b.grad[0, :3].abs().sum() > 0
+    # In the training loss it is added to the click BCE.
+    bce = model.compute_loss(batch).item() - penalty.item()
+    model.config = model.config.model_copy(update={"adversarial": 0.0})
+    assert model.compute_loss(batch).item() == pytest.approx(bce, rel=1e-6)

@@ -84,6 +84,14 @@ class TrainConfig(_Strict):
         "protocol has no validation split of its own",
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps the default")
+    prefetch: int = Field(
+        0,
+        ge=0,
+        description="batches built ahead on a background thread (0: none). In-memory batches are two "
+        "index ops: a third thread then only competes with the compute threads (ML-100K on 2 cores: "
+        "55k instead of 88k examples/s); it pays when building a batch is slow (history features, "
+        "Parquet streaming)",
+    )
 
 
 class EvalConfig(_Strict):

@@ -143,12 +143,14 @@ def _train_run(
             metrics = evaluate_model(model, config.eval.protocol, data.train, data.valid, config.eval.ks)
             return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
+    def batches(epoch: int):
+        return iterate_batches(data.train, config.train.batch_size, config.train.seed, epoch)
+
     result = fit(
         model,
-        # Batches are gathered on a background thread, a few ahead of the step (same batches, same order).
-        prefetched(
-            lambda epoch: iterate_batches(data.train, config.train.batch_size, config.train.seed, epoch)
-        ),
+        # With train.prefetch, batches are gathered on a background thread, that many ahead of the step
+        # (same batches, same order).
+        prefetched(batches, depth=config.train.prefetch) if config.train.prefetch else batches,
         config.train,
         run_dir,
         validate=validate,

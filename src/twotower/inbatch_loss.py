@@ -40,20 +40,27 @@ __all__ = ["accidental_hits", "inbatch_softmax", "is_plain_inbatch"]
 def accidental_hits(candidate_ids: Tensor, positive_column: Tensor) -> tuple[Tensor, Tensor]:
     """(rows, columns) where column j holds row i's positive item but is not its positive column.
 
-    Only ids that occur more than once can produce a hit, so the comparison runs over those rows and
-    columns alone: a few hundred even for a heavy popularity head, instead of B x B.
+    Only ids that occur more than once can produce a hit. The pairs are enumerated group by group from
+    the columns sorted by id, so the work is the number of pairs within repeated ids (a few thousand
+    even for a heavy popularity head), not rows x columns: on ML-100K batches of 1024, where most rows'
+    items repeat, a dense comparison of the repeated rows and columns cost 1.5 ms of a 11 ms step.
     """
+    empty = torch.zeros(0, dtype=torch.long, device=candidate_ids.device)
     _, group, count = torch.unique(candidate_ids, return_inverse=True, return_counts=True)
     row_group = group[positive_column]
     rows = torch.nonzero(count[row_group] > 1).squeeze(1)
-    cols = torch.nonzero(count[group] > 1).squeeze(1)
     if rows.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.long, device=candidate_ids.device)
         return empty, empty
-    same = row_group[rows][:, None] == group[cols][None, :]
-    same &= cols[None, :] != positive_column[rows][:, None]
-    r, c = torch.nonzero(same, as_tuple=True)
-    return rows[r], cols[c]
+    by_group = torch.argsort(group, stable=True)  # columns grouped by id, ascending within a group
+    group_start = torch.cumsum(count, 0) - count
+    groups = row_group[rows]
+    per_row = count[groups]  # every column of the row's group, its own positive column included
+    pair_row = torch.repeat_interleave(rows, per_row)
+    first_pair = torch.cumsum(per_row, 0) - per_row
+    within = torch.arange(len(pair_row), device=rows.device) - torch.repeat_interleave(first_pair, per_row)
+    pair_col = by_group[torch.repeat_interleave(group_start[groups], per_row) + within]
+    keep = pair_col != positive_column[pair_row]
+    return pair_row[keep], pair_col[keep]
 
 
 class _Workspace:

@@ -25,6 +25,12 @@ Batches are ``dict[str, Tensor]`` over sessions of ``N`` shown slots:
   PAL); no rescaling, the bias logit is not an activation to be kept unbiased in expectation.
   Both dropouts act only in ``train()`` mode.
 
+  ``adversarial`` (Zhang et al. 2023's other remedy) adds an adversary: a small MLP that predicts the
+  relevance logit ``r`` (detached) from the bias logit ``b`` of the same slot, by squared error. The
+  adversary minimises that error; a gradient-reversal layer between ``b`` and the adversary hands the
+  bias tower the negated gradient times ``adversarial``, so the bias tower is trained to make ``b``
+  useless for predicting ``r`` - to carry no relevance - while it still fits the clicks with ``r``.
+
 The loss lives in :class:`RankingTask` (one per method): ``clicks`` (BCE of p(click) on the clicks),
 ``ipw`` (listwise softmax cross-entropy of ``r`` over the shown slots, each click weighted by
 1 / propensity, Joachims et al. 2017 / Ai et al. 2018) and ``oracle`` (BCE of sigmoid(r) on the true
@@ -41,7 +47,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-__all__ = ["BiasTower", "DebiasedRanker", "RankerConfig", "RankingTask", "RelevanceTower"]
+__all__ = [
+    "BiasTower",
+    "DebiasedRanker",
+    "RankerConfig",
+    "RankingTask",
+    "RelevanceTower",
+    "gradient_reversal",
+]
 
 
 class RankerConfig(BaseModel):
@@ -57,8 +70,34 @@ class RankerConfig(BaseModel):
     bias_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="share of sessions with the bias logit zeroed"
     )
+    adversarial: float = Field(
+        0.0, ge=0.0, description="gradient-reversal weight of the bias -> relevance adversary; 0: none"
+    )
+    adversary: Literal["mlp", "linear"] = Field(
+        "mlp",
+        description="mlp: a trained adversary behind gradient reversal; linear: the best linear adversary "
+        "in closed form, i.e. the penalty adversarial * corr(b, r)^2 over the batch's slots",
+    )
+    adversary_hidden: int = Field(16, ge=1, description="hidden width of the adversary MLP")
     position_feature: bool = Field(False, description="baseline: position one-hot into the relevance tower")
     inference_position: int = Field(1, ge=1)
+
+
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward; the backward pass multiplies the gradient by ``-scale``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return -ctx.scale * grad, None
+
+
+def gradient_reversal(x: Tensor, scale: float) -> Tensor:
+    return _GradientReversal.apply(x, scale)
 
 
 class RelevanceTower(nn.Module):
@@ -139,6 +178,12 @@ class DebiasedRanker(nn.Module):
         extra = num_positions if config.position_feature else 0
         self.relevance = RelevanceTower(num_features, num_items, config, extra_dim=extra)
         self.bias = BiasTower(num_positions, context, config) if config.combination != "none" else None
+        self.adversary: nn.Module | None = None
+        if config.adversarial > 0 and self.bias is None:
+            raise ValueError("the adversary needs a bias tower (combination 'pal' or 'additive')")
+        if config.adversarial > 0 and config.adversary == "mlp":
+            hidden = config.adversary_hidden
+            self.adversary = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.task = RankingTask(config.loss)
 
     def _position_onehot(self, position: Tensor) -> Tensor:
@@ -155,21 +200,53 @@ class DebiasedRanker(nn.Module):
             extra = self._position_onehot(position)
         return self.relevance(batch["features"], batch.get("item"), extra)
 
-    def bias_logit(self, batch: dict[str, Tensor]) -> Tensor:
+    def raw_bias_logit(self, batch: dict[str, Tensor]) -> Tensor:
+        """The bias tower's logit before bias-logit dropout (position dropout applies in training)."""
         if self.bias is None:
             raise ValueError("this ranker has no bias tower (combination='none')")
-        logit = self.bias(batch["position"], {n: batch[n] for n in self.context_names})
+        return self.bias(batch["position"], {n: batch[n] for n in self.context_names})
+
+    def _drop_bias(self, logit: Tensor) -> Tensor:
         if self.training and self.config.bias_dropout:
             keep = torch.rand(logit.shape[0], 1, device=logit.device) >= self.config.bias_dropout
             logit = logit * keep
         return logit
 
+    def bias_logit(self, batch: dict[str, Tensor]) -> Tensor:
+        return self._drop_bias(self.raw_bias_logit(batch))
+
+    def adversary_loss(self, r: Tensor, raw_bias: Tensor, mask: Tensor) -> Tensor:
+        """mlp: masked mean squared error of the adversary's guess of ``r`` from ``b`` (reversed into
+        ``b``); linear: ``adversarial * corr(b, r)^2`` over the masked slots, the share of the variance
+        of ``r`` that the best linear function of ``b`` explains (``r`` detached in both)."""
+        if self.config.adversarial <= 0:
+            raise ValueError("this ranker has no adversary (adversarial=0)")
+        if self.config.adversary == "linear":
+            b, t = raw_bias[mask], r.detach()[mask]
+            b, t = b - b.mean(), t - t.mean()
+            cov = (b * t).mean()
+            return self.config.adversarial * cov**2 / ((b * b).mean() * (t * t).mean()).clamp(min=1e-12)
+        assert self.adversary is not None
+        guess = self.adversary(gradient_reversal(raw_bias, self.config.adversarial).unsqueeze(-1)).squeeze(-1)
+        mask = mask.float()
+        return (((guess - r.detach()) ** 2) * mask).sum() / mask.sum().clamp(min=1.0)
+
     def click_log_probs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(log p(click), log(1 - p(click)))`` of every slot, computed stably."""
+        return self._click_log_probs(batch)[0]
+
+    def _click_log_probs(
+        self, batch: dict[str, Tensor]
+    ) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor | None]:
+        """The click log-probabilities, the relevance logit and the bias logit before dropout."""
         r = self.relevance_logit(batch, batch["position"] if self.config.position_feature else None)
         if self.config.combination == "none":
-            return F.logsigmoid(r), F.logsigmoid(-r)
-        b = self.bias_logit(batch)
+            return (F.logsigmoid(r), F.logsigmoid(-r)), r, None
+        raw = self.raw_bias_logit(batch)
+        return self.combine(r, self._drop_bias(raw)), r, raw
+
+    def combine(self, r: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """``(log p(click), log(1 - p(click)))`` from the relevance and the bias logits."""
         if self.config.combination == "additive":
             return F.logsigmoid(r + b), F.logsigmoid(-(r + b))
         log_p = F.logsigmoid(r) + F.logsigmoid(b)
@@ -198,10 +275,13 @@ class RankingTask(nn.Module):
     def forward(self, model: DebiasedRanker, batch: dict[str, Tensor]) -> Tensor:
         mask = batch["mask"].float()
         if self.loss == "clicks":
-            log_p, log_not = model.click_log_probs(batch)
+            (log_p, log_not), r, raw_bias = model._click_log_probs(batch)
             clicks = batch["clicks"]
             nll = -(clicks * log_p + (1.0 - clicks) * log_not)
-            return (nll * mask).sum() / mask.sum().clamp(min=1.0)
+            loss = (nll * mask).sum() / mask.sum().clamp(min=1.0)
+            if model.config.adversarial > 0 and raw_bias is not None:
+                loss = loss + model.adversary_loss(r, raw_bias, batch["mask"])
+            return loss
         r = model.relevance_logit(batch, batch["position"] if model.config.position_feature else None)
         if self.loss == "oracle":
             bce = F.binary_cross_entropy_with_logits(r, batch["target"], reduction="none")

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from twotower import distributed, losses
 from twotower.frequency import StreamingFrequencyEstimator
+from twotower.inbatch_loss import inbatch_softmax, is_plain_inbatch
 from twotower.negatives import (
     HardNegativeMiner,
     ImpressionSampler,
@@ -108,6 +109,9 @@ class TaskConfig(_Strict):
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     margin: float = Field(0.2, ge=0, description="hinge margin, on the similarity scale")
     sigma: float = Field(1.0, gt=0, description="logistic steepness")
+    fused_inbatch: bool = Field(
+        True, description="plain in-batch softmax through the fused kernel (twotower.inbatch_loss)"
+    )
 
 
 class RetrievalTask(nn.Module):
@@ -136,6 +140,7 @@ class RetrievalTask(nn.Module):
         impressions_num: int = 0,
         margin: float = 0.2,
         sigma: float = 1.0,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -152,6 +157,9 @@ class RetrievalTask(nn.Module):
         self.sampler, self.num_sampled = sampler, num_sampled
         self.miner, self.hard_num = miner, hard_num
         self.margin, self.sigma = margin, sigma
+        # The plain in-batch softmax runs through twotower.inbatch_loss (same loss, a fraction of the
+        # memory traffic); False keeps the general path, e.g. as the reference in tests.
+        self.fused = fused
         if (impressions is None) != (impressions_num == 0):
             raise ValueError("impression negatives need an impression sampler and impressions_num >= 1")
         self.impressions, self.impressions_num = impressions, impressions_num
@@ -201,6 +209,9 @@ class RetrievalTask(nn.Module):
                 self.sampling_probability.update(global_ids)
         batch = batch if batch is not None else {"item_idx": candidate_ids}
         pos_ids = candidate_ids.long()
+        if self.fused and self.mixed is None and is_plain_inbatch(self):
+            loss = self._fused_inbatch(query, candidates, pos_ids, sample_weight, shards)
+            return loss if shards is None else loss * shards.loss_scale
         n_rows = len(query)
         pos = (query * candidates).sum(-1)
         neg, ids, log_q, mask, log_q_pos = self._negatives(
@@ -212,6 +223,28 @@ class RetrievalTask(nn.Module):
         loss = self._loss(pos, neg, mask, sample_weight, log_q_pos, log_q)
         # This rank's share of the global loss, scaled for DDP's averaging (module docstring).
         return loss if shards is None else loss * shards.loss_scale
+
+    def _fused_inbatch(
+        self,
+        query: Tensor,
+        candidates: Tensor,
+        pos_ids: Tensor,
+        weight: Tensor | None,
+        shards: distributed.Shards | None,
+    ) -> Tensor:
+        """The in-batch softmax over the (global) pool of positives in one fused pass; row i's positive
+        is the pool's column offset + i, every other column a negative."""
+        ids, emb, log_q = self._shared_pool(candidates, pos_ids, None, shards)
+        first = 0 if shards is None else shards.offset
+        return inbatch_softmax(
+            query,
+            emb,
+            self.temperature,
+            positive_column=torch.arange(first, first + len(query), device=query.device),
+            candidate_ids=ids if self.remove_accidental_hits else None,
+            log_q=log_q if self.sampling_probability is not None else None,
+            weight=weight,
+        )
 
     # --- negatives -------------------------------------------------------------------------------
     def _negatives(
@@ -392,5 +425,5 @@ def build_task(
         in_batch=neg.in_batch, sampler=sampler, num_sampled=neg.num_sampled, shared=neg.shared,
         miner=miner, hard_num=neg.hard.num, positives=positives,
         impressions=impression_sampler, impressions_num=neg.impressions,
-        margin=config.margin, sigma=config.sigma,
+        margin=config.margin, sigma=config.sigma, fused=config.fused_inbatch,
     )  # fmt: skip

@@ -8,6 +8,8 @@ the common fit loop on the same logged sessions:
     ipw-true / ipw-estimated      listwise IPW with the simulator's examination probabilities / with
                                   the curve estimated from the RandTop-N sessions
     two-tower-{pal,additive}[+position-dropout|+bias-dropout]
+    two-tower-additive+adversarial  an adversary predicts the relevance logit from the bias logit, its
+                                  gradient reversed into the bias tower (Zhang et al. 2023)
     oracle                        relevance tower on the true p(relevant | y) of the same shown slots
 
 Evaluation (:func:`evaluate_ranker`), all on held-out queries:
@@ -54,6 +56,7 @@ METHODS: dict[str, dict] = {
     "two-tower-additive": _ADD,
     "two-tower-additive+position-dropout": {**_ADD, "position_dropout": 0.1},
     "two-tower-additive+bias-dropout": {**_ADD, "bias_dropout": 0.5},
+    "two-tower-additive+adversarial": {**_ADD, "adversarial": 1.0},
     "oracle": {"combination": "none", "loss": "oracle"},
 }
 
