@@ -159,3 +159,19 @@ def test_accidental_hits_equal_the_dense_definition_with_extra_candidates():
     )
     want = torch.nonzero(dense, as_tuple=True)
     assert torch.equal(rows, want[0]) and torch.equal(cols, want[1])
+
+
+def test_a_positive_far_below_the_others_keeps_a_finite_exact_loss():
+    # Dot products at a low temperature: row 0's positive is ~200 nats below its best negative, so its
+    # softmax probability underflows float32; its loss must still be logsumexp - z_pos, not inf.
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]], requires_grad=True)
+    cand = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    ids = torch.tensor([5, 6, 6])  # rows 1 and 2 share an item: an accidental hit either way
+    got = inbatch_softmax(query, cand, 0.01, candidate_ids=ids)
+    z = query @ cand.T / 0.01
+    z[1, 2] = z[2, 1] = float("-inf")
+    want = (torch.logsumexp(z, 1) - z.diagonal()).mean()
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert torch.isfinite(query.grad).all() and torch.isfinite(cand.grad).all()

@@ -17,8 +17,10 @@ tensor takes 39 ms, in place 12 ms; the logits product 43 ms into a new tensor, 
   is reused from step to step (:class:`_Workspace`), so nothing of size B x B is allocated per step;
 - accidental hits found from the ids that repeat in the batch (``torch.unique``): only those entries
   are set to -inf, no B x B comparison or mask;
-- the softmax in place (max, subtract, exp, row sums) and a backward that turns the same buffer into
-  ``softmax - one_hot`` (one scale pass) before the two gradient products.
+- the softmax in place by ATen's row-wise kernel, the loss -log softmax[i, positive] (rows whose
+  positive underflowed recomputed from their logits), and a backward that turns the same buffer into
+  ``softmax - one_hot`` for the two gradient products, the per-row gradient scale applied to their
+  [B, d] factors.
 
 The loss equals the general path's up to float rounding (the positive's logit comes from the product
 instead of a row-wise dot product); tests/test_inbatch_loss.py checks loss and gradients against
@@ -93,6 +95,10 @@ class _Workspace:
 _WORKSPACE = _Workspace()
 
 
+# Below this, a softmax entry has lost its float32 precision (the smallest normal is 1.2e-38).
+_TINY = 1e-30
+
+
 class _SoftmaxRows(torch.autograd.Function):
     """Per-row softmax cross-entropy of ``scaled @ candidates^T`` with hits removed (see the module)."""
 
@@ -102,27 +108,46 @@ class _SoftmaxRows(torch.autograd.Function):
         torch.mm(scaled, candidates.T, out=logits)
         if hits[0].numel():
             logits.index_put_(hits, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+        # ATen's softmax kernel works row by row in cache (max, exp and sum, scale): one read and one
+        # write of the buffer where separate max / subtract / exp / sum calls stream it four times.
+        torch.ops.aten._softmax.out(logits, 1, False, out=logits)
         positive = logits.gather(1, target[:, None]).squeeze(1)
-        top = logits.amax(dim=1, keepdim=True)
-        logits.sub_(top).exp_()  # now exp(z - max): the unnormalised softmax, in place
-        total = logits.sum(dim=1)
-        ctx.save_for_backward(scaled, candidates, target, total)
+        losses = -positive.log()
+        tiny = torch.nonzero(positive < _TINY).squeeze(1)
+        if tiny.numel():  # the positive's probability underflowed: those rows' loss from their logits
+            losses[tiny] = _exact_rows(scaled, candidates, target, hits, tiny)
+        ctx.save_for_backward(scaled, candidates, target)
         ctx.probs, ctx.token, ctx.done = logits, token, False
-        return top.squeeze(1) + total.log() - positive
+        return losses
 
     @staticmethod
     def backward(ctx: Any, grad_rows: Tensor):
         if ctx.done:
             raise RuntimeError("inbatch_softmax's backward runs once (retain_graph is not supported)")
         ctx.done = True
-        scaled, candidates, target, total = ctx.saved_tensors
-        grad = ctx.probs  # d loss_i / d z_ij = g_i * (softmax_ij - [j == target_i])
-        grad.mul_((grad_rows / total)[:, None])
-        grad[torch.arange(len(grad), device=grad.device), target] -= grad_rows
-        grad_scaled = grad @ candidates if ctx.needs_input_grad[0] else None
-        grad_candidates = grad.T @ scaled if ctx.needs_input_grad[1] else None
+        scaled, candidates, target = ctx.saved_tensors
+        # d loss_i / d z_ij = g_i * (softmax_ij - [j == target_i]); the per-row g_i is applied to the
+        # [b, d] factors of the two products rather than to the [b, n] buffer (one pass fewer).
+        grad = ctx.probs
+        grad[torch.arange(len(grad), device=grad.device), target] -= 1.0
+        row_scale = grad_rows[:, None]
+        grad_scaled = (grad @ candidates) * row_scale if ctx.needs_input_grad[0] else None
+        grad_candidates = grad.T @ (scaled * row_scale) if ctx.needs_input_grad[1] else None
         ctx.probs = ctx.token = None  # the workspace is free for the next step
         return grad_scaled, grad_candidates, None, None
+
+
+def _exact_rows(
+    scaled: Tensor, candidates: Tensor, target: Tensor, hits: tuple[Tensor, Tensor], rows: Tensor
+) -> Tensor:
+    """logsumexp - positive logit of the given rows, recomputed from their own logits."""
+    z = scaled[rows] @ candidates.T
+    if hits[0].numel():
+        local = torch.full((len(scaled),), -1, dtype=torch.long, device=rows.device)
+        local[rows] = torch.arange(len(rows), device=rows.device)
+        keep = local[hits[0]] >= 0
+        z[local[hits[0][keep]], hits[1][keep]] = float("-inf")
+    return torch.logsumexp(z, dim=1) - z.gather(1, target[rows][:, None]).squeeze(1)
 
 
 def inbatch_softmax(

@@ -30,6 +30,10 @@ Batches are ``dict[str, Tensor]`` over sessions of ``N`` shown slots:
   adversary minimises that error; a gradient-reversal layer between ``b`` and the adversary hands the
   bias tower the negated gradient times ``adversarial``, so the bias tower is trained to make ``b``
   useless for predicting ``r`` - to carry no relevance - while it still fits the clicks with ``r``.
+  ``adversary="linear"`` replaces the min-max by its closed form for a linear adversary: the penalty
+  ``adversarial * corr(b, r)^2`` over the batch's slots. Caveat (measured, see issue 4): when the shown
+  rank is predictable from the relevance features (a logging ranker over the same features), both
+  this and bias-logit dropout drive the relevance tower towards the naive click model.
 
 The loss lives in :class:`RankingTask` (one per method): ``clicks`` (BCE of p(click) on the clicks),
 ``ipw`` (listwise softmax cross-entropy of ``r`` over the shown slots, each click weighted by
