@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-items", type=int, default=100_000, help="http: catalogue of the served run")
     parser.add_argument("--http-users", type=int, default=5_000, help="http: users of the served run")
     parser.add_argument("--http-workers", type=int, default=2, help="http: server processes")
+    parser.add_argument("--http-repeats", type=int, default=3, help="http: load tests of the served run")
+    parser.add_argument(
+        "--http-run", type=Path, help="http: a folder to keep the served run in and reuse (default: scratch)"
+    )
     parser.add_argument("--sizes", nargs="+", type=int, help="catalogue sizes (default 100000 1000000)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--out", type=Path, default=RESULTS)

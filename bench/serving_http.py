@@ -187,21 +187,33 @@ def load_test(run_dir: Path, rate: float, duration: float, seed: int = 0, worker
 
 
 def run_http_part(args, work: Path) -> list[dict]:
-    run_dir = build_served_run(work, args.http_items, args.http_users)
-    print(f"[http] load test: {args.rate} requests/s for {args.duration} s ...", flush=True)
-    res = load_test(run_dir, args.rate, args.duration, workers=args.http_workers)
-    print(f"[http] {res}", flush=True)
+    """``args.http_repeats`` load tests of one served run (each against a freshly started server, with
+    its own request sample): every metric's row lists each run, so a tail that moves between runs
+    on a shared machine shows up as its spread instead of as one lucky or unlucky number."""
+    run_dir = Path(args.http_run) / "run" if args.http_run else work / "run"
+    if (run_dir / "export" / "manifest.json").exists():
+        print(f"[http] reusing the served run in {run_dir}", flush=True)
+    else:
+        run_dir = build_served_run(run_dir.parent, args.http_items, args.http_users)
+    runs = []
+    for repeat in range(args.http_repeats):
+        print(f"[http] load test {repeat + 1}/{args.http_repeats}: {args.rate} requests/s for "
+              f"{args.duration} s ...", flush=True)  # fmt: skip
+        runs.append(load_test(run_dir, args.rate, args.duration, seed=repeat, workers=args.http_workers))
+        print(f"[http] {runs[-1]}", flush=True)
     dataset = f"synthetic-{args.http_items // 1000}k"
     note = (
-        f"{args.rate} req/s offered for {args.duration} s, open loop; index {res['index']}, "
-        f"re-rank with the relevance tower: {res['ranker']}; {args.http_workers} uvicorn workers, "
-        "1 torch thread each"
+        f"{args.rate} req/s offered for {args.duration} s per run, open loop; index {runs[0]['index']}, "
+        f"re-rank with the relevance tower: {runs[0]['ranker']}; {args.http_workers} uvicorn workers, "
+        "1 torch thread each; one value per run (a fresh server each)"
     )
     rows = []
     for metric in ("p50_ms", "p95_ms", "p99_ms", "errors", "requests_per_s"):
+        values = [r[metric] for r in runs]
         rows.append({"dataset": dataset, "protocol": f"{args.rate:g}rps-{args.duration:g}s", "method": "http",
-                     "metric": metric, "mean": res[metric], "std": 0.0, "values": [res[metric]], "seeds": [0],
-                     "note": note})  # fmt: skip
+                     "metric": metric, "mean": float(np.mean(values)),
+                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                     "values": values, "seeds": list(range(len(runs))), "note": note})  # fmt: skip
     return rows
 
 

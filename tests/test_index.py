@@ -116,6 +116,23 @@ def test_exclusions_never_returned(indexes, name, as_csr):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
+def test_one_query_with_exclusions_answers_as_its_row_of_a_batch(indexes, name):
+    # A served request is one query with its seen items excluded: the index takes a lean path for it,
+    # which must give exactly the batch path's row (duplicates and out-of-catalogue ids included).
+    rng = np.random.default_rng(4)
+    top, _ = _exact(K)
+    for q in range(len(QUERIES)):
+        excluded = np.concatenate([top[q, :5], top[q, :2], rng.integers(0, N, 30), [N + 7]])
+        one = indexes[name].search(QUERIES[q : q + 1], K, exclude=[excluded])
+        pair = np.stack([QUERIES[q], QUERIES[(q + 1) % len(QUERIES)]])
+        batch = indexes[name].search(pair, K, exclude=[excluded, np.zeros(0, np.int64)])
+        np.testing.assert_array_equal(one[0][0], batch[0][0])
+        # (scores: a product over a batch of 1 or 2 may round differently in the last bit)
+        np.testing.assert_allclose(one[1][0], batch[1][0], rtol=0, atol=1e-6)
+        assert not np.isin(one[0], excluded).any()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("size", [60, 1500])  # below / above allowed_exact_max: exact subset / IDSelector
 def test_allowed_filter(indexes, name, size, monkeypatch):
     index = indexes[name]

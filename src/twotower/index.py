@@ -222,7 +222,8 @@ class ItemIndex:
         if allowed is not None:
             if len(allowed) == 0:
                 return ids, scores
-            items = self._items_t[torch.from_numpy(allowed)]
+            # index_select, not advanced indexing: 0.25 ms instead of 3.3 ms for 14k of 100k rows
+            items = self._items_t.index_select(0, torch.from_numpy(allowed))
         if pairs is not None:
             rows, cols = pairs
             if allowed is not None:  # exclusions move to their positions in the sorted subset
@@ -246,6 +247,10 @@ class ItemIndex:
             scores[ids < 0] = _EMPTY
             self._fill_exact(queries, k, None, None, np.flatnonzero(ids[:, -1] < 0), ids, scores)
             return self._rescore(queries, ids) if rescore else (ids, scores)
+        if n_q == 1 and pairs is not None and allowed is None:  # one request with exclusions: serving
+            lean = self._approx_one(queries, k, pairs[1])
+            if lean is not None:
+                return self._rescore(queries, lean[0]) if rescore else lean
         excl_keys, n_excl = np.zeros(0, np.int64), np.zeros(n_q, np.int64)
         if pairs is not None:
             rows, cols = pairs
@@ -277,6 +282,28 @@ class ItemIndex:
             short = got.sum(1) < wanted[todo]
             self._fill_exact(queries, k, pairs, allowed, todo[short], ids, scores)
         return self._rescore(queries, ids) if rescore else (ids, scores)
+
+    def _approx_one(self, query: np.ndarray, k: int, excluded: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+        """The batch path below for a single query, without its grouping and 2-D bookkeeping (about
+        half a millisecond of a served request): fetch k + |excluded|, drop the excluded. None when
+        the general path must decide (a fetch that large goes exact; FAISS came back short)."""
+        n = self.n_items
+        excluded = np.unique(excluded[excluded < n])
+        fetch = k + len(excluded)
+        if fetch > n // 4:
+            return None
+        dist, cand = self.faiss_index.search(query, fetch, params=self._params(fetch, None))
+        keep = cand[0] >= 0
+        if excluded.size:
+            keep &= ~np.isin(cand[0], excluded)
+        found, found_scores = cand[0][keep][:k], dist[0][keep][:k]
+        if len(found) < min(k, n - len(excluded)):
+            return None
+        ids = np.full((1, k), -1, np.int64)
+        scores = np.full((1, k), _EMPTY, np.float32)
+        ids[0, : len(found)], scores[0, : len(found)] = found, found_scores
+        return ids, scores
 
     def _fill_exact(self, queries, k, pairs, allowed, rows: np.ndarray, ids, scores) -> None:
         """Exact results for the given query rows, written into ids/scores in place."""
