@@ -102,20 +102,31 @@ def run_cell(data: RankingData, config: UltrConfig, methods, seeds, label: str) 
     return {m: {k: v for k, v in vals.items() if v} for m, vals in values.items()}, curves
 
 
+def length_tag(args: argparse.Namespace) -> str:
+    """Protocol suffix when the training length is chosen on held-out queries (else 8 fixed epochs)."""
+    return f"/valid-{args.valid_share:g}-max{args.epochs}ep" if args.valid_share else ""
+
+
 def config_for(args: argparse.Namespace, click: str, logging: dict) -> UltrConfig:
     train = {"epochs": 1 if args.quick else args.epochs, "batch_size": 256, "lr": 3e-3}
     return UltrConfig.model_validate(
-        {"simulation": {"click_model": {"model": click}, "logging": logging}, "train": train}
+        {
+            "simulation": {"click_model": {"model": click}, "logging": logging},
+            "train": train,
+            "valid_share": args.valid_share,
+            "patience": args.patience,
+        }  # fmt: skip
     )
 
 
 def merge(out: Path, command: str, new_rows: list[dict]) -> dict:
     path = out / f"{NAME}.json"
     done = {(r["dataset"], r["protocol"], r["method"]) for r in new_rows}
-    old = read_json(path)["rows"] if path.exists() else []
-    return result(
-        NAME, command, [r for r in old if (r["dataset"], r["protocol"], r["method"]) not in done] + new_rows
-    )
+    saved = read_json(path) if path.exists() else {"rows": [], "command": ""}
+    kept = [r for r in saved["rows"] if (r["dataset"], r["protocol"], r["method"]) not in done]
+    if kept:  # the header names what produced every row, not only this run's
+        command = f"{command} (its rows); the other rows: {saved['command']}"
+    return result(NAME, command, kept + new_rows)
 
 
 def save(args, command: str, rows: list[dict]) -> str:
@@ -164,7 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=8, help="with --valid-share: at most this many")
+    parser.add_argument(
+        "--valid-share", type=float, default=0.0,
+        help="hold out this share of the training queries to choose each method's training length",
+    )  # fmt: skip
+    parser.add_argument("--patience", type=int, default=3, help="with --valid-share")
     parser.add_argument("--parts", nargs="+", default=["main", "sweep"], choices=["main", "sweep"])
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "ml-100k"])
     parser.add_argument(
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     seeds = [0] if args.quick else list(range(args.seeds))
     methods = args.methods or (QUICK_METHODS if args.quick else tuple(METHODS))
-    command = "python bench/ultr.py" + (" --quick" if args.quick else "")
+    command = "python bench/ultr.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     out = Path(args.out)
     stem = NAME + ("_quick" if args.quick else "")
     text = ""
@@ -190,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
                 values, curves = run_cell(data, config, methods, seeds, f"{name} {click}")
                 rows = []
                 for method, vals in values.items():
-                    base = {"dataset": name, "protocol": f"{click}/production-1%", "method": method}
+                    base = {"dataset": name, "protocol": f"{click}/production-1%{length_tag(args)}",
+                            "method": method}  # fmt: skip
                     rows += measured_rows(base, vals, seeds)
                 text = save(args, command, rows)
                 two_tower = {m: c for m, c in curves.items() if m.startswith("two-tower")}
@@ -208,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             values, _ = run_cell(data, config, sweep_methods, seeds, f"sweep w={w}")
             for method, vals in values.items():
                 sweep[method][w] = vals["ndcg@10"]
-                base = {"dataset": "synthetic", "protocol": f"pbm/mixture-w{w:g}", "method": method}
+                base = {"dataset": "synthetic", "protocol": f"pbm/mixture-w{w:g}{length_tag(args)}",
+                        "method": method}  # fmt: skip
                 rows += measured_rows(base, vals, seeds)
             text = save(args, command, rows)
         plot_sweep(sweep, out / f"{stem}_sweep.png")

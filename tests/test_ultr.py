@@ -137,3 +137,45 @@ def test_a_logged_impression_file_trains_a_ranker(tmp_path):
     assert np.corrcoef(scores, data.features[:, 0])[0, 1] > 0.8
     with pytest.raises(ValueError, match="missing from the item table"):
         from_impressions(lists, items.iloc[1:])
+
+
+def test_held_out_queries_keep_each_query_whole_and_are_seeded(planted):
+    from twotower.ultr import held_out_queries
+
+    _, _, log, _, _, _ = planted
+    held = held_out_queries(log, 0.25, seed=3)
+    queries = np.unique(log.query)
+    assert np.isin(queries, log.query[held]).sum() == round(0.25 * len(queries))
+    assert not np.isin(log.query[held], log.query[~held]).any()  # no query on both sides
+    assert np.array_equal(held, held_out_queries(log, 0.25, seed=3))
+    assert not np.array_equal(held, held_out_queries(log, 0.25, seed=4))
+
+
+@pytest.mark.parametrize("method", ["two-tower-pal", "oracle", "ipw-estimated"])
+def test_valid_share_chooses_the_epoch_on_held_out_training_sessions(planted, method, monkeypatch):
+    import twotower.ultr as ultr
+
+    train, _, log, _, cfg, _ = planted
+    cfg = cfg.model_copy(update={"valid_share": 0.2, "patience": 2})
+    seen = {}
+    real_fit = ultr.fit
+
+    def fit(model, batches, config, run_dir, validate=None, progress=False):
+        seen["config"], seen["validate"] = config, validate
+        seen["trained_sessions"] = sum(len(b["clicks"]) for b in batches(1))
+        result = real_fit(model, batches, config, run_dir, validate=validate, progress=progress)
+        seen["result"] = result
+        return result
+
+    monkeypatch.setattr(ultr, "fit", fit)
+    model = train_ranker(method, train, log, cfg, seed=0)
+    held = ultr.held_out_queries(log, 0.2, seed=0)
+    assert seen["trained_sessions"] == int((~held).sum())  # the held-out queries are not trained on
+    assert seen["config"].early_stopping.metric == "objective"
+    history = seen["result"].history
+    assert all("valid_objective" in h for h in history)
+    best = max(history, key=lambda h: h["valid_objective"])
+    assert seen["result"].best_epoch == best["epoch"]
+    # The model handed back holds the best epoch's weights: its held-out objective is the best one.
+    assert seen["validate"]()["objective"] == pytest.approx(best["valid_objective"], rel=1e-6)
+    assert not model.training

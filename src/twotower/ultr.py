@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from twotower.config import TrainConfig
+from twotower.config import EarlyStoppingConfig, TrainConfig
 from twotower.data.click_log import ClickLog, SimulationConfig, estimate_propensities
 from twotower.data.click_models import ClickModel, relevance_click_probability
 from twotower.data.ltr import RankingData
@@ -42,7 +42,15 @@ from twotower.ranking import DebiasedRanker, RankerConfig
 from twotower.ranking_metrics import click_log_likelihood, ranking_metrics, roc_auc
 from twotower.train import fit
 
-__all__ = ["METHODS", "UltrConfig", "UltrResult", "evaluate_ranker", "session_batches", "train_ranker"]
+__all__ = [
+    "METHODS",
+    "UltrConfig",
+    "UltrResult",
+    "evaluate_ranker",
+    "held_out_queries",
+    "session_batches",
+    "train_ranker",
+]
 
 _PAL, _ADD = {"combination": "pal"}, {"combination": "additive"}
 METHODS: dict[str, dict] = {
@@ -72,6 +80,15 @@ class UltrConfig(BaseModel):
     fresh_clicks: bool = Field(
         True, description="redraw the training clicks every epoch (ULTRA: clicks simulated per batch)"
     )
+    valid_share: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of the training queries whose sessions are held out to choose the training "
+        "length: the weights of the epoch with the lowest held-out training objective (the method's own "
+        "loss: clicks for the click models, true labels only for the oracle), at most train.epochs",
+    )
+    patience: int = Field(3, ge=1, description="with valid_share: epochs without improvement before stopping")
 
 
 @dataclass
@@ -170,16 +187,40 @@ def train_ranker(
     sim = config.simulation
     fresh = config.fresh_clicks and log.simulated  # a real log's clicks are what they are
     click_model = ClickModel(sim.click_model, train.max_label, sim.top_n) if fresh else None
-    batches = session_batches(train, log, _propensity(method, log), config.train.batch_size, seed,
-                              sim.click_model.epsilon, click_model)  # fmt: skip
+    propensity = _propensity(method, log)  # estimated curves come from every training session
     train_config = config.train.model_copy(update={"seed": seed})
+    validate = None
+    if config.valid_share > 0:
+        held = held_out_queries(log, config.valid_share, seed)
+        valid = _gather(_data_tensors(train), _tensors(train, log.take(np.flatnonzero(held)),
+                        None if propensity is None else propensity[held], sim.click_model.epsilon),
+                        torch.arange(int(held.sum())))  # fmt: skip
+        log, propensity = log.take(np.flatnonzero(~held)), None if propensity is None else propensity[~held]
+
+        def validate() -> dict[str, float]:  # fit puts the model in eval mode first
+            with torch.no_grad():
+                return {"objective": -float(model.compute_loss(valid))}  # higher is better
+
+        stopping = EarlyStoppingConfig(metric="objective", patience=config.patience)
+        train_config = train_config.model_copy(update={"early_stopping": stopping})
+    batches = session_batches(train, log, propensity, config.train.batch_size, seed,
+                              sim.click_model.epsilon, click_model)  # fmt: skip
     if run_dir is not None:
-        fit(model, batches, train_config, run_dir, progress=progress)
+        fit(model, batches, train_config, run_dir, validate=validate, progress=progress)
     else:
         with tempfile.TemporaryDirectory(prefix="twotower-ultr-") as tmp:
-            fit(model, batches, train_config, Path(tmp), progress=progress)
+            fit(model, batches, train_config, Path(tmp), validate=validate, progress=progress)
     model.eval()
     return model
+
+
+def held_out_queries(log: ClickLog, share: float, seed: int) -> np.ndarray:
+    """[S] bool: the sessions of a seeded ``share`` of the log's queries (all sessions of a query go
+    together, so no held-out document list was also trained on)."""
+    queries = np.unique(log.query)
+    rng = np.random.default_rng([seed, 41])
+    n = max(1, round(share * len(queries))) if len(queries) > 1 else 0
+    return np.isin(log.query, rng.choice(queries, size=n, replace=False))
 
 
 def _session_batch(data: RankingData, log: ClickLog) -> dict[str, Tensor]:
