@@ -4,6 +4,8 @@
     python bench/ultr.py --quick               # 1 seed, 1 epoch, small world, a few methods (under a minute)
     python bench/ultr.py --parts sweep         # one part: main | sweep
     python bench/ultr.py --letor PATH          # also a LETOR file (e.g. MSLR-WEB10K Fold1/train.txt)
+    python bench/ultr.py --epochs 32 --valid-share 0.1   # each method's training length chosen on 10 % of
+                                               # the training queries (rows tagged /valid-0.1-max32ep)
 
 Parts (bench-format.md rows; `protocol` = click model / logging policy):
 
