@@ -209,7 +209,7 @@ class RetrievalTask(nn.Module):
                 self.sampling_probability.update(global_ids)
         batch = batch if batch is not None else {"item_idx": candidate_ids}
         pos_ids = candidate_ids.long()
-        if self.fused and self.mixed is None and is_plain_inbatch(self):
+        if self.fused and is_plain_inbatch(self):  # (mixed negatives need a sampler: not plain)
             loss = self._fused_inbatch(query, candidates, pos_ids, sample_weight, shards)
             return loss if shards is None else loss * shards.loss_scale
         n_rows = len(query)

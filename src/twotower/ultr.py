@@ -192,9 +192,10 @@ def train_ranker(
     validate = None
     if config.valid_share > 0:
         held = held_out_queries(log, config.valid_share, seed)
-        valid = _gather(_data_tensors(train), _tensors(train, log.take(np.flatnonzero(held)),
-                        None if propensity is None else propensity[held], sim.click_model.epsilon),
-                        torch.arange(int(held.sum())))  # fmt: skip
+        held_propensity = None if propensity is None else propensity[held]
+        valid = _session_batch(
+            train, log.take(np.flatnonzero(held)), held_propensity, sim.click_model.epsilon
+        )
         log, propensity = log.take(np.flatnonzero(~held)), None if propensity is None else propensity[~held]
 
         def validate() -> dict[str, float]:  # fit puts the model in eval mode first
@@ -223,9 +224,12 @@ def held_out_queries(log: ClickLog, share: float, seed: int) -> np.ndarray:
     return np.isin(log.query, rng.choice(queries, size=n, replace=False))
 
 
-def _session_batch(data: RankingData, log: ClickLog) -> dict[str, Tensor]:
-    """Every session of ``log`` as one batch (evaluation)."""
-    return _gather(_data_tensors(data), _tensors(data, log, None, 0.1), torch.arange(log.num_sessions))
+def _session_batch(
+    data: RankingData, log: ClickLog, propensity: np.ndarray | None = None, epsilon: float = 0.1
+) -> dict[str, Tensor]:
+    """Every session of ``log`` as one batch (evaluation, held-out validation)."""
+    sessions = _tensors(data, log, propensity, epsilon)
+    return _gather(_data_tensors(data), sessions, torch.arange(log.num_sessions))
 
 
 @torch.no_grad()
