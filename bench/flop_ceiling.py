@@ -48,17 +48,30 @@ def _linear(batch: int, fan_in: int, fan_out: int, what: str) -> list[Gemm]:
     ]
 
 
-def step_gemms(batch: int, dim: int, user_mlp: list[int], item_mlp: list[int]) -> list[Gemm]:
-    """Every matrix product of one training step: towers ``[in, hidden..., out]`` and B x B logits."""
+def step_gemms(
+    batch: int,
+    dim: int,
+    user_mlp: list[int],
+    item_mlp: list[int],
+    users: int | None = None,
+    items: int | None = None,
+) -> list[Gemm]:
+    """Every matrix product of one training step: towers ``[in, hidden..., out]`` and B x B logits.
+
+    With ``users``/``items`` (the batch's distinct counts) the products of the distinct-id step
+    (``twotower.unique_softmax``): each tower over its distinct ids, logits distinct users x items.
+    """
+    rows = {"user": users or batch, "item": items or batch}
     gemms: list[Gemm] = []
     for side, sizes in (("user", user_mlp), ("item", item_mlp)):
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            gemms += _linear(batch, fan_in, fan_out, f"{side} layer {i}")
-    # logits S = Q C^T: forward [B,d]x[d,B]; dQ = dS C and dC = dS^T Q are [B,B]x[B,d].
+            gemms += _linear(rows[side], fan_in, fan_out, f"{side} layer {i}")
+    # logits S = Q C^T: forward [U,d]x[d,I]; dQ = dS C is [U,I]x[I,d] and dC = dS^T Q is [I,U]x[U,d].
+    u, i = rows["user"], rows["item"]
     gemms += [
-        Gemm(batch, dim, batch, "logits fwd"),
-        Gemm(batch, batch, dim, "logits dQ"),
-        Gemm(batch, batch, dim, "logits dC"),
+        Gemm(u, dim, i, "logits fwd"),
+        Gemm(u, i, dim, "logits dQ"),
+        Gemm(i, u, dim, "logits dC"),
     ]
     return gemms
 

@@ -15,9 +15,18 @@ sampled every 50 ms, and each worker's own getrusage peak):
   streaming reader, for their peak memory.
 
 For each model a FLOP ceiling (bench/flop_ceiling.py): the step's matrix products timed one by one on
-this machine; ``ceiling_fraction`` = achieved / ceiling examples/s. The in-batch softmax runs through
-the fused kernel (``twotower.inbatch_loss``, the default); ``twotower-general-loss`` rows run
-``RetrievalTask``'s general path instead (``task.fused_inbatch: false``), to show what the kernel buys.
+this machine; ``ceiling_fraction`` = achieved / ceiling examples/s. Three ways to compute the same
+in-batch softmax loss, to show what each buys:
+
+- ``twotower-1proc`` (the default): over the batch's distinct users and items
+  (``twotower.unique_softmax``); its ceiling is that of the products it runs (the batch's mean
+  distinct counts are in the rows), and ``fraction_of_row_by_row_ceiling`` sets it against the B x B
+  step's ceiling;
+- ``twotower-row-by-row-1proc``: the fused kernel over all B x B rows and columns
+  (``task.distinct_inbatch: false``; ``twotower.inbatch_loss``);
+- ``twotower-general-loss-1proc``: ``RetrievalTask``'s general path (``task.fused_inbatch: false``).
+
+Across processes the pool is gathered row by row (``twotower-2proc``).
 Writes bench/results/throughput.{json,md} (quick: throughput_quick.*).
 """
 
@@ -151,25 +160,52 @@ def ml100k_tfrs(data: Path, epochs: int, tf_python: Path, jit: bool) -> dict[str
             "loss": out["loss"]}  # fmt: skip
 
 
-def ceiling(batch: int, dim: int, user: list[int], item: list[int], quick: bool) -> StepFlops:
-    return measure_ceiling(step_gemms(batch, dim, user, item), min_seconds=0.06 if quick else 0.5)
+def ceiling(batch: int, dim: int, user: list[int], item: list[int], quick: bool,
+            distinct: tuple[int, int] | None = None) -> StepFlops:  # fmt: skip
+    """The step's products timed; with ``distinct`` (users, items per batch) those of the distinct-id
+    step, each tower over its distinct ids and the logits distinct users x items."""
+    users, items = distinct or (None, None)
+    gemms = step_gemms(batch, dim, user, item, users=users, items=items)
+    return measure_ceiling(gemms, min_seconds=0.06 if quick else 0.5)
 
 
 def ceiling_rows(dataset: str, before: StepFlops, after: StepFlops, batch: int,
-                 rates: dict[str, float]) -> list[dict[str, Any]]:  # fmt: skip
+                 rates: dict[str, float], **extra: Any) -> list[dict[str, Any]]:  # fmt: skip
     """The step's products, timed before and after the training runs (the faster of the two per
     product: the conservative ceiling); each measured method's rate set against it."""
     best = before.best(after)
     gemms = [f"{g.what}: [{g.m}, {g.k}] x [{g.k}, {g.n}]" for g in best.gemms]
-    return [row(dataset, method, metric, [value], batch=batch, gemms=gemms)
+    return [row(dataset, method, metric, [value], batch=batch, gemms=gemms, **extra)
             for method, achieved in rates.items()
             for metric, value in best.report(batch, achieved).items()]  # fmt: skip
+
+
+def distinct_per_batch(data: Path, batch: int, epochs: int) -> tuple[float, float]:
+    """Mean distinct users and items in the ML-100K training batches of the measured epochs."""
+    from twotower.config import load_config
+    from twotower.data.dataset import build_retrieval_data, iterate_batches
+
+    config = load_config(ROOT / CONFIG, [f"data.path={data}"])
+    train = build_retrieval_data(config).train
+    users, items = [], []
+    for epoch in range(2, epochs + 1):
+        for b in iterate_batches(train, batch, config.train.seed, epoch):
+            users.append(len(torch.unique(b["user_idx"])))
+            items.append(len(torch.unique(b["item_idx"])))
+    return statistics.fmean(users), statistics.fmean(items)
+
+
+# Row-by-row methods run the B x B products; the default runs the distinct-id ones.
+ROW_BY_ROW = ("twotower-row-by-row-1proc", "twotower-general-loss-1proc")
 
 
 def bench_ml100k(args: argparse.Namespace, data: Path) -> list[dict[str, Any]]:
     epochs = 2 if args.quick else 5
     rows: list[dict[str, Any]] = []
+    users, items = distinct_per_batch(data, 1024, epochs)
+    distinct = (round(users), round(items))
     before = ceiling(1024, 64, [], [], args.quick)
+    before_distinct = ceiling(1024, 64, [], [], args.quick, distinct)
     rates: dict[str, float] = {}
 
     def add(method: str, rates_: list[float], rss: float, **extra: Any) -> None:
@@ -184,13 +220,20 @@ def bench_ml100k(args: argparse.Namespace, data: Path) -> list[dict[str, Any]]:
         got = ml100k_cli(data, epochs, nproc)
         add(method, got["examples_per_s"], got["peak_rss_mb"], config=CONFIG, processes=nproc,
             final_epoch_loss=got["final_loss"])  # fmt: skip
-    general = worker("ml100k-train", data, "full", "--epochs", str(epochs), "--general-loss")
-    history = general["history"]
-    add("twotower-general-loss-1proc", [h["examples_per_s"] for h in history][1:],
-        general["peak_rss_mb_tree"], config=CONFIG, processes=1,
-        final_epoch_loss=history[-1]["loss"])  # fmt: skip
-    ones = {m: rates[m] for m in ("twotower-1proc", "twotower-general-loss-1proc")}
-    rows.extend(ceiling_rows("ml-100k", before, ceiling(1024, 64, [], [], args.quick), 1024, ones))
+    for method, flag in zip(ROW_BY_ROW, ("--row-by-row", "--general-loss"), strict=True):
+        got = worker("ml100k-train", data, "full", "--epochs", str(epochs), flag)
+        history = got["history"]
+        add(method, [h["examples_per_s"] for h in history][1:], got["peak_rss_mb_tree"], config=CONFIG,
+            processes=1, final_epoch_loss=history[-1]["loss"])  # fmt: skip
+    after = ceiling(1024, 64, [], [], args.quick)
+    rows.extend(ceiling_rows("ml-100k", before, after, 1024, {m: rates[m] for m in ROW_BY_ROW}))
+    # The default step's own products, and how it compares with the B x B step's ceiling.
+    after_distinct = ceiling(1024, 64, [], [], args.quick, distinct)
+    rows.extend(ceiling_rows("ml-100k", before_distinct, after_distinct, 1024,
+                             {"twotower-1proc": rates["twotower-1proc"]}, mean_distinct_users=users,
+                             mean_distinct_items=items))  # fmt: skip
+    b_by_b = before.best(after).report(1024, rates["twotower-1proc"])["ceiling_fraction"]
+    rows.append(row("ml-100k", "twotower-1proc", "fraction_of_row_by_row_ceiling", [b_by_b]))
     tf_python = Path(args.tf_python)
     if args.quick or not tf_python.exists():
         print(f"TFRS skipped ({'--quick' if args.quick else f'no {tf_python}'})", file=sys.stderr)
@@ -199,7 +242,7 @@ def bench_ml100k(args: argparse.Namespace, data: Path) -> list[dict[str, Any]]:
         got = ml100k_tfrs(data, epochs, tf_python, jit)
         add("tfrs-xla-1proc" if jit else "tfrs-1proc", got["examples_per_s"], got["peak_rss_mb"],
             versions=got["versions"], final_epoch_loss=got["loss"][-1])  # fmt: skip
-    for method in ("twotower-1proc", "twotower-general-loss-1proc"):
+    for method in ("twotower-1proc", *ROW_BY_ROW):
         rows.append(row("ml-100k", method, "speedup_vs_tfrs", [rates[method] / rates["tfrs-1proc"]]))
         rows.append(row("ml-100k", method, "speedup_vs_tfrs_xla", [rates[method] / rates["tfrs-xla-1proc"]]))
     return rows
@@ -253,10 +296,14 @@ def bench_scale(args: argparse.Namespace) -> list[dict[str, Any]]:
     batch = spec["train"]["batch_size"]
     before = ceiling(batch, 64, user, item, args.quick)
     steps = ["--steps", str(6 if args.quick else args.steps), "--epochs", "2"]
-    runs = {"twotower-1proc": ([], 1), "twotower-general-loss-1proc": (["--general-loss"], 1)}
+    runs = {
+        "twotower-1proc": ([], 1),
+        ROW_BY_ROW[0]: (["--row-by-row"], 1),
+        ROW_BY_ROW[1]: (["--general-loss"], 1),
+    }
     if not args.quick:
         runs["twotower-2proc"] = ([], 2)
-    rates = {}
+    rates, distinct = {}, (0.0, 0.0)
     for method, (flags, nproc) in runs.items():
         got = worker("scale-train", data_dir, size, *steps, *flags, nproc=nproc)
         measured = [h["examples_per_s"] for h in got["history"]][1:]
@@ -265,9 +312,17 @@ def bench_scale(args: argparse.Namespace) -> list[dict[str, Any]]:
                      threads_per_process=got["threads"], steps_measured=int(steps[1])),
                  row(dataset, method, "peak_rss_mb", [got["peak_rss_mb_tree"]], processes=nproc)]  # fmt: skip
         rates[method] = statistics.fmean(measured)
-    ones = {m: rates[m] for m in ("twotower-1proc", "twotower-general-loss-1proc")}
+        if method == "twotower-1proc":
+            distinct = (got["mean_distinct_users"], got["mean_distinct_items"])
     after = ceiling(batch, 64, user, item, args.quick)
-    rows += ceiling_rows(dataset, before, after, batch, ones)
+    rows += ceiling_rows(dataset, before, after, batch, {m: rates[m] for m in ROW_BY_ROW})
+    sizes = (round(distinct[0]), round(distinct[1]))
+    own = ceiling(batch, 64, user, item, args.quick, sizes)
+    own = own.best(ceiling(batch, 64, user, item, args.quick, sizes))
+    rows += ceiling_rows(dataset, own, own, batch, {"twotower-1proc": rates["twotower-1proc"]},
+                         mean_distinct_users=distinct[0], mean_distinct_items=distinct[1])  # fmt: skip
+    b_by_b = before.best(after).report(batch, rates["twotower-1proc"])["ceiling_fraction"]
+    rows.append(row(dataset, "twotower-1proc", "fraction_of_row_by_row_ceiling", [b_by_b]))
     return rows
 
 

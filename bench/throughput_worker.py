@@ -166,15 +166,21 @@ def job_scale_train(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(0)
         model, setup_seconds = build_scale_model(args.data_dir, spec)
         model.task.fused = not args.general_loss
+        model.task.distinct = not args.row_by_row
         source = stream(args.data_dir, spec)
         depth = spec["stream"]["prefetch"]
+        distinct: dict[str, list[int]] = {"users": [], "items": []}
 
         def batches(epoch: int):
             # ``steps`` batches of the epoch, then the prefetcher is closed at once (its thread stopped),
             # not whenever the abandoned iterator happens to be collected.
             prefetched = iter(Prefetcher(source.epoch(epoch), depth=depth))
             try:
-                yield from itertools.islice(prefetched, args.steps)
+                for batch in itertools.islice(prefetched, args.steps):
+                    # The distinct ids per batch, which set the size of the distinct-id step's products.
+                    distinct["users"].append(len(torch.unique(torch.as_tensor(batch["user_idx"]))))
+                    distinct["items"].append(len(torch.unique(torch.as_tensor(batch["item_idx"]))))
+                    yield batch
             finally:
                 prefetched.close()
 
@@ -189,6 +195,8 @@ def job_scale_train(args: argparse.Namespace) -> dict[str, Any]:
             "steps_per_epoch": args.steps,
             "num_items": model.num_items,
             "peak_rss_mb_rank0": peak_rss_mb(),
+            "mean_distinct_users": float(np.mean(distinct["users"])),
+            "mean_distinct_items": float(np.mean(distinct["items"])),
         }
         return out if distributed.is_main() else {}  # rank 0 reports
     finally:
@@ -205,6 +213,8 @@ def job_ml100k_train(args: argparse.Namespace) -> dict[str, Any]:
     overrides = [f"data.path={args.data_dir}", f"train.epochs={args.epochs}"]
     if args.general_loss:
         overrides.append("task.fused_inbatch=false")
+    if args.row_by_row:
+        overrides.append("task.distinct_inbatch=false")
     config = load_config(root / "configs" / "ml100k.yaml", overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         metrics = train_run(config, run_dir, progress=False)
@@ -232,6 +242,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="training jobs: the first one warms up")
     parser.add_argument(
         "--general-loss", action="store_true", help="RetrievalTask's general path, not the fused kernel"
+    )
+    parser.add_argument(
+        "--row-by-row",
+        action="store_true",
+        help="the fused kernel over every row of the batch, not over its distinct users and items",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

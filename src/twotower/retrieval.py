@@ -97,6 +97,8 @@ class TwoTowerModel(nn.Module):
         """Loss of a batch ``{"user_idx", "item_idx", optional "weight", "history_end"}`` of positives."""
         if self.training and self.task.miner is not None:
             self.task.maybe_refresh(self._embed_all)
+        if self._distinct_ok():
+            return self._distinct_loss(batch)
         end = exclude = None
         if self.history is not None:
             if self.config.history.training_view == "before":
@@ -114,6 +116,33 @@ class TwoTowerModel(nn.Module):
             batch.get("weight"),
             batch=batch,
             embed_items=lambda ids: self.item_tower(self.item_features(ids)),
+        )
+
+    def _distinct_ok(self) -> bool:
+        """True when each tower's output is a function of the user or item id alone (no history, no
+        active dropout), so a batch's repeated ids are repeated embeddings and the task may compute
+        its loss over the distinct ones."""
+        return (
+            self.history is None
+            and self.task.accepts_distinct()
+            and not (self.training and (_has_dropout(self.user_tower) or _has_dropout(self.item_tower)))
+        )
+
+    def _distinct_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The in-batch softmax over the batch's distinct users and items (``twotower.unique_softmax``):
+        each tower runs once per distinct id and the logit matrix is distinct users x distinct items."""
+        users, query_of_row = torch.unique(batch["user_idx"], return_inverse=True)
+        items, positive_of_row, count = torch.unique(
+            batch["item_idx"], return_inverse=True, return_counts=True
+        )
+        return self.task.forward_distinct(
+            self.encode_users(users),
+            query_of_row,
+            self.item_tower(self.item_features(items)),
+            items,
+            positive_of_row,
+            count,
+            batch.get("weight"),
         )
 
     def _embed_all(self) -> tuple[Tensor, Tensor]:
@@ -188,3 +217,7 @@ def _register_table(module: nn.Module, prefix: str, table: dict[str, Tensor]) ->
         # Tables are buffers: they move with .to(device) and are saved with the weights.
         module.register_buffer(f"{prefix}__{name}", tensor)
     return sorted(table)
+
+
+def _has_dropout(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())

@@ -51,6 +51,7 @@ from twotower.negatives import (
     PopularitySampler,
     UniformSampler,
 )
+from twotower.unique_softmax import unique_inbatch_softmax
 
 Objective = Literal["softmax", "pointwise_bce", "pointwise_mse", "hinge", "logistic"]
 
@@ -112,6 +113,11 @@ class TaskConfig(_Strict):
     fused_inbatch: bool = Field(
         True, description="plain in-batch softmax through the fused kernel (twotower.inbatch_loss)"
     )
+    distinct_inbatch: bool = Field(
+        True,
+        description="fused in-batch softmax over the batch's distinct users and items when the towers "
+        "depend on the id alone (the same loss: twotower.unique_softmax)",
+    )
 
 
 class RetrievalTask(nn.Module):
@@ -141,6 +147,7 @@ class RetrievalTask(nn.Module):
         margin: float = 0.2,
         sigma: float = 1.0,
         fused: bool = True,
+        distinct: bool = True,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -160,6 +167,8 @@ class RetrievalTask(nn.Module):
         # The plain in-batch softmax runs through twotower.inbatch_loss (same loss, a fraction of the
         # memory traffic); False keeps the general path, e.g. as the reference in tests.
         self.fused = fused
+        # ... and over the batch's distinct users and items when the model can give them (forward_distinct).
+        self.distinct = distinct
         if (impressions is None) != (impressions_num == 0):
             raise ValueError("impression negatives need an impression sampler and impressions_num >= 1")
         self.impressions, self.impressions_num = impressions, impressions_num
@@ -198,15 +207,7 @@ class RetrievalTask(nn.Module):
         shards = None
         if self.training and distributed.world_size() > 1:
             shards = distributed.batch_shards(len(query), sample_weight, query.device)
-        if self.training:
-            self.step += 1
-            if self.sampling_probability is not None:
-                # Streaming estimators learn from the stream of (global) training batches, so every
-                # rank holds the same state; exact counts ignore it.
-                global_ids = (
-                    candidate_ids if shards is None else distributed.gather_rows(candidate_ids, shards.sizes)
-                )
-                self.sampling_probability.update(global_ids)
+        self._observe(candidate_ids, shards)
         batch = batch if batch is not None else {"item_idx": candidate_ids}
         pos_ids = candidate_ids.long()
         if self.fused and is_plain_inbatch(self):  # (mixed negatives need a sampler: not plain)
@@ -223,6 +224,54 @@ class RetrievalTask(nn.Module):
         loss = self._loss(pos, neg, mask, sample_weight, log_q_pos, log_q)
         # This rank's share of the global loss, scaled for DDP's averaging (module docstring).
         return loss if shards is None else loss * shards.loss_scale
+
+    def _observe(self, candidate_ids: Tensor, shards: distributed.Shards | None) -> None:
+        """Count the training step and feed the batch's positives to a streaming logQ estimator."""
+        if self.training:
+            self.step += 1
+            if self.sampling_probability is not None:
+                # Streaming estimators learn from the stream of (global) training batches, so every
+                # rank holds the same state; exact counts ignore it.
+                global_ids = (
+                    candidate_ids if shards is None else distributed.gather_rows(candidate_ids, shards.sizes)
+                )
+                self.sampling_probability.update(global_ids)
+
+    def accepts_distinct(self) -> bool:
+        """Whether :meth:`forward_distinct` applies: the fused plain in-batch softmax, in one process
+        (across ranks the pool is gathered row by row)."""
+        return (
+            self.fused
+            and self.distinct
+            and is_plain_inbatch(self)
+            and not (self.training and distributed.world_size() > 1)
+        )
+
+    def forward_distinct(
+        self,
+        query: Tensor,
+        query_of_row: Tensor,
+        candidates: Tensor,
+        candidate_ids: Tensor,
+        positive_of_row: Tensor,
+        candidate_count: Tensor,
+        sample_weight: Tensor | None = None,
+    ) -> Tensor:
+        """``forward`` of the batch ``(query[query_of_row], candidates[positive_of_row])`` given its
+        distinct queries and candidates (ids and counts): the same loss, from a smaller product."""
+        self._observe(candidate_ids[positive_of_row], None)
+        correct = self.sampling_probability is not None
+        return unique_inbatch_softmax(
+            query,
+            query_of_row,
+            candidates,
+            positive_of_row,
+            candidate_count,
+            self.temperature,
+            log_q=self.sampling_probability.log_probability(candidate_ids) if correct else None,
+            remove_accidental_hits=self.remove_accidental_hits,
+            weight=sample_weight,
+        )
 
     def _fused_inbatch(
         self,
@@ -426,4 +475,5 @@ def build_task(
         miner=miner, hard_num=neg.hard.num, positives=positives,
         impressions=impression_sampler, impressions_num=neg.impressions,
         margin=config.margin, sigma=config.sigma, fused=config.fused_inbatch,
+        distinct=config.distinct_inbatch,
     )  # fmt: skip
