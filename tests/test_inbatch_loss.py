@@ -175,3 +175,21 @@ def test_a_positive_far_below_the_others_keeps_a_finite_exact_loss():
     torch.testing.assert_close(got, want)
     got.backward()
     assert torch.isfinite(query.grad).all() and torch.isfinite(cand.grad).all()
+
+
+def test_the_workspace_keeps_one_buffer_whatever_the_shapes():
+    # The distinct-id softmax asks for a new [users, items] shape every step: memory must stay that of
+    # the largest step, not grow with the number of shapes seen.
+    from twotower.inbatch_loss import _Workspace
+
+    space, like = _Workspace(), torch.zeros(1)
+    storages = set()
+    for rows, cols in [(30, 40), (50, 20), (10, 10), (60, 70), (55, 65)]:
+        buffer, token = space.acquire(rows, cols, like)
+        assert buffer.shape == (rows, cols) and buffer.is_contiguous()
+        storages.add(buffer.untyped_storage().data_ptr())
+        del token  # the step's graph is gone: the buffer is free again
+    assert len(space._buffers) == 1 and len(storages) == 2  # grown once, for (60, 70)
+    held, token = space.acquire(60, 70, like)
+    fresh, _ = space.acquire(60, 70, like)  # the first graph still holds it: a separate tensor
+    assert fresh.untyped_storage().data_ptr() != held.untyped_storage().data_ptr()

@@ -66,27 +66,31 @@ def accidental_hits(candidate_ids: Tensor, positive_column: Tensor) -> tuple[Ten
 
 
 class _Workspace:
-    """One B x B buffer per (shape, dtype, device), handed to one live autograd graph at a time.
+    """One reusable logits buffer per (dtype, device), handed to one live autograd graph at a time.
 
-    A graph holds a token tensor; the buffer is free again once that token is gone (the graph ran its
-    backward or was dropped), so two graphs alive at once (e.g. a loss kept for later) never share a
-    buffer: the second gets a fresh tensor, which is only slower.
+    The buffer is flat and grows to the largest [rows, cols] asked for; each step gets a contiguous
+    view of its first rows * cols values, so steps whose shape varies (the distinct-id softmax: the
+    number of distinct users and items changes every batch) reuse it too, and memory is bounded by the
+    largest step, not by the number of shapes seen. A graph holds a token tensor; the buffer is free
+    again once that token is gone (the graph ran its backward or was dropped), so two graphs alive at
+    once (e.g. a loss kept for later) never share a buffer: the second gets a fresh tensor, which is
+    only slower.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[Any, ...], tuple[Tensor, Any]] = {}
 
     def acquire(self, rows: int, cols: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        key = (rows, cols, like.dtype, like.device)
+        key = (like.dtype, like.device)
         token = torch.empty(0)
+        need = rows * cols
         held = self._buffers.get(key)
-        if held is not None and (held[1] is None or held[1]() is None):
-            self._buffers[key] = (held[0], weakref.ref(token))
-            return held[0], token
-        buffer = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
-        if held is None:
-            self._buffers[key] = (buffer, weakref.ref(token))
-        return buffer, token
+        if held is not None and held[1]() is not None:  # in use by a live graph: a fresh tensor
+            return torch.empty(rows, cols, dtype=like.dtype, device=like.device), token
+        if held is None or held[0].numel() < need:
+            held = (torch.empty(need, dtype=like.dtype, device=like.device), None)
+        self._buffers[key] = (held[0], weakref.ref(token))
+        return held[0][:need].view(rows, cols), token
 
     def clear(self) -> None:
         self._buffers.clear()
