@@ -92,6 +92,12 @@ class TrainConfig(_Strict):
         "55k instead of 88k examples/s); it pays when building a batch is slow (history features, "
         "Parquet streaming)",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the user and item towers (dynamic shapes). Off by default: on CPU it "
+        "did not pay (the 1M-item model: 30.4k vs 32.6k examples/s eager, after 5.6 s of compiling; "
+        "the ML-100K towers are one lookup each); meant for GPUs",
+    )
 
 
 class EvalConfig(_Strict):

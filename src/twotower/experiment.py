@@ -135,6 +135,10 @@ def _train_run(
     )
     seed_everything(config.train.seed)  # model init does not depend on how much data loading drew
     model = build_model(config, data)
+    if config.train.compile:
+        # In place (nn.Module.compile): the parameters and state-dict keys stay those of the towers.
+        model.user_tower.compile(dynamic=True)
+        model.item_tower.compile(dynamic=True)
 
     validate = None
     if data.valid is not None:
