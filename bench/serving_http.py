@@ -2,8 +2,8 @@
 
 A retrieval run is trained on a synthetic world (``--http-items`` items), exported with the HNSW
 index, given a debiased ranker trained on simulated impressions (so each request runs the whole
-retrieve -> re-rank path), and served by ``twotower serve --workers 2`` (two uvicorn processes, one
-per core, one torch thread each). The load generator runs open-loop in its own process: request i
+retrieve -> re-rank path), and served by ``twotower serve`` (``--http-workers`` uvicorn processes,
+default 1, one torch thread each). The load generator runs open-loop in its own process: request i
 is due at ``t0 + i / rate`` whatever happened to earlier ones, and its latency is measured from that
 due time, so a stalled server shows up as latency instead of silently lowering the offered rate (no
 coordinated omission). It stops by itself after ``duration`` seconds; every request has a 5 s
@@ -141,7 +141,48 @@ async def _drive(base: str, bodies: list[dict], rate: float) -> tuple[list[float
 _JSON = {"content-type": "application/json"}
 
 
-def load_test(run_dir: Path, rate: float, duration: float, seed: int = 0, workers: int = 2) -> dict:
+def _cpu_times() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs from /proc/stat; (0, 0) where there is none."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+class _StealSampler:
+    """The hypervisor's steal time (CPU time this VM was ready to run but not given a core), sampled
+    every second during a load test: on a shared VM it, not the server, sets much of the tail."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.shares: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last = _cpu_times()
+        while not self._stop.wait(1.0):
+            now = _cpu_times()
+            total = now[1] - last[1]
+            if total > 0:
+                self.shares.append((now[0] - last[0]) / total)
+            last = now
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        if not self.shares:
+            return {}
+        return {
+            "steal_pct_mean": 100 * float(np.mean(self.shares)),
+            "steal_pct_max_1s": 100 * max(self.shares),
+        }
+
+
+def load_test(run_dir: Path, rate: float, duration: float, seed: int = 0, workers: int = 1) -> dict:
     """Serve ``run_dir`` in a subprocess and offer ``rate`` requests/s for ``duration`` seconds."""
     port = _free_port()
     cmd = [sys.executable, "-m", "twotower.cli", "serve", str(run_dir), "--port", str(port),
@@ -167,7 +208,9 @@ def load_test(run_dir: Path, rate: float, duration: float, seed: int = 0, worker
             requests_file = Path(tmp) / "requests.json"
             requests_file.write_text(json.dumps({"warmup": warmup, "bodies": bodies}))
             driver = [sys.executable, __file__, "--drive", base, str(requests_file), str(rate)]
+            steal = _StealSampler()
             out = json.loads(subprocess.run(driver, check=True, capture_output=True, text=True).stdout)
+            steal_stats = steal.stop()
         latencies, errors, seconds = out["latencies"], out["errors"], out["seconds"]
         health = httpx.get(f"{base}/healthz").json()
     finally:
@@ -183,6 +226,7 @@ def load_test(run_dir: Path, rate: float, duration: float, seed: int = 0, worker
         "requests_per_s": len(bodies) / seconds,
         "ranker": health["ranker"],
         "index": health["index"],
+        **steal_stats,
     }
 
 
@@ -208,12 +252,16 @@ def run_http_part(args, work: Path) -> list[dict]:
         "1 torch thread each; one value per run (a fresh server each)"
     )
     rows = []
-    for metric in ("p50_ms", "p95_ms", "p99_ms", "errors", "requests_per_s"):
+    for metric in ("p50_ms", "p95_ms", "p99_ms", "errors", "requests_per_s", "steal_pct_mean",
+                   "steal_pct_max_1s"):  # fmt: skip
+        if any(metric not in r for r in runs):  # steal: only where /proc/stat has it
+            continue
         values = [r[metric] for r in runs]
         rows.append({"dataset": dataset, "protocol": f"{args.rate:g}rps-{args.duration:g}s", "method": "http",
                      "metric": metric, "mean": float(np.mean(values)),
                      "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                     "values": values, "seeds": list(range(len(runs))), "note": note})  # fmt: skip
+                     "values": values, "seeds": list(range(len(runs))), "workers": args.http_workers,
+                     "note": note})  # fmt: skip
     return rows
 
 
