@@ -37,7 +37,7 @@ from twotower.data.streaming import ParquetStream, StreamConfig
 from twotower.features import FeatureEncoder
 from twotower.hashing import int_buckets
 from twotower.retrieval import ModelConfig, TwoTowerModel
-from twotower.tasks import TaskConfig, build_task
+from twotower.task_config import TaskConfig, build_task
 
 SIZES = {
     "full": ScaleConfig(),  # 10M interactions, 1M items, 200k users

@@ -101,15 +101,6 @@ def test_mixed_negatives_use_the_mixture_probability():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_config_validates_negative_schemes():
-    with pytest.raises(Exception, match="sampler"):
-        parse_config({"task": {"negatives": {"sampler": "uniform"}}})
-    with pytest.raises(Exception, match="no negatives"):
-        parse_config({"task": {"negatives": {"in_batch": False}}})
-    with pytest.raises(Exception, match="objective"):
-        parse_config({"task": {"objective": "pairwise"}})
-
-
 SCHEMES = {
     "pointwise 1:3": {
         "objective": "pointwise_bce",

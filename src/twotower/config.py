@@ -19,7 +19,7 @@ from twotower.data.synthetic import WorldConfig
 from twotower.features import FeatureSpec, IdFeature
 from twotower.retrieval import ModelConfig
 from twotower.storage import atomic_write_text
-from twotower.tasks import TaskConfig
+from twotower.task_config import TaskConfig
 
 
 class _Strict(BaseModel):

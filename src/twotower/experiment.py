@@ -36,7 +36,7 @@ from twotower.evaluate import PROTOCOLS, evaluate_embeddings
 from twotower.history import history_csr
 from twotower.retrieval import TwoTowerModel
 from twotower.storage import save_tensors, write_json, write_parquet
-from twotower.tasks import build_task
+from twotower.task_config import build_task
 from twotower.train import FitResult, fit
 
 log = logging.getLogger("twotower")

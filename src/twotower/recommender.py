@@ -21,7 +21,7 @@ from twotower.experiment import build_model, evaluate_model
 from twotower.features import FeatureEncoder
 from twotower.retrieval import TwoTowerModel
 from twotower.storage import load_tensors, read_json, write_json
-from twotower.tasks import build_task
+from twotower.task_config import build_task
 from twotower.topk import CSR
 
 
