@@ -230,25 +230,3 @@ def test_a_log_with_no_known_item_is_an_error_naming_the_file(planted, tmp_path)
     )
     with pytest.raises(ValueError, match="foreign.csv"):
         fit_run_ranker(planted.run_dir, path, _config())
-
-
-def test_config_needs_a_user_column_and_a_servable_ranker():
-    with pytest.raises(ValueError, match="columns.user"):
-        RunRankerConfig.model_validate({"columns": {"context": ["device"]}})
-    with pytest.raises(ValueError, match="loss"):
-        RunRankerConfig.model_validate({"ranker": {"loss": "ipw"}})
-    with pytest.raises(ValueError, match="position"):
-        RunRankerConfig.model_validate({"ranker": {"position_feature": True}})
-    default = RunRankerConfig()
-    assert default.columns.user == "user_id" and default.ranker.combination == "pal"
-
-
-def test_pair_features_by_hand():
-    user = torch.tensor([[1.0, 2.0]])  # [B=1, d=2]
-    items = torch.tensor([[[3.0, 4.0], [5.0, -1.0], [0.0, 0.5]]])  # [1, N=3, 2]
-    out = pair_features(user, items)
-    assert out.shape == (1, 3, 6)
-    expected = [[1, 2, 3, 4, 3, 8], [1, 2, 5, -1, 5, -2], [1, 2, 0, 0.5, 0, 1]]
-    assert torch.equal(out[0], torch.tensor(expected, dtype=torch.float32))
-    # One candidate list shared by several users broadcasts too.
-    assert pair_features(torch.zeros(4, 2), torch.zeros(3, 2)).shape == (4, 3, 6)

@@ -1,8 +1,9 @@
 """The item index used for serving: exact or FAISS (flat, HNSW, IVF-PQ) top-K by inner product.
 
-The metric is ALWAYS the inner product, the towers' training score. Cosine is the inner product of
-L2-normalised vectors (the towers' output), so a cosine index REFUSES item vectors that are not
-unit-norm rather than normalising them, which would serve other scores than the model was trained with.
+The metric is ALWAYS the inner product, the towers' training score; a cosine index refuses item
+vectors that are not unit-norm. The config, those input checks and everything FAISS-specific (building,
+checking a loaded file, per-search parameters) live in :mod:`twotower.index_backends`; this module
+holds the search logic on top of them and the index's files.
 
 ``search`` is correct for every backend, whatever the filters:
 
@@ -17,55 +18,32 @@ unit-norm rather than normalising them, which would serve other scores than the 
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from twotower.index_backends import (
+    IndexConfig,
+    Similarity,
+    as_matrix,
+    build_faiss,
+    check_faiss,
+    check_normalized,
+    faiss_search_params,
+    faiss_selector,
+    import_faiss,
+    resolve_params,
+    set_threads,
+)
 from twotower.storage import _atomic_write, load_tensors, read_json, save_tensors, write_json
 from twotower.topk import CSR, topk_items
 
 __all__ = ["IndexConfig", "ItemIndex", "recall_at_k"]
 
-Backend = Literal["exact", "faiss-flat", "faiss-hnsw", "faiss-ivfpq"]
-Similarity = Literal["dot", "cosine"]
-NORM_TOLERANCE = 1e-3
 _EMPTY = -np.inf
-
-
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as err:  # faiss-cpu is the optional `serve` extra
-        raise ImportError("FAISS backends need faiss-cpu: pip install twotower[serve]") from err
-    return faiss
-
-
-class IndexConfig(BaseModel):
-    """How the index is built and searched. The HNSW defaults reach recall@100 >= .95 at <= 1 ms per
-    query (1 thread, batch 1) on a clustered, normalised 1M x 64 catalogue (bench/serving.py)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Backend = "exact"
-    hnsw_m: int = Field(32, ge=4, le=256)
-    ef_construction: int = Field(100, ge=8)
-    ef_search: int = Field(128, ge=1)  # raised to the fetch size when a search asks for more
-    nlist: int | None = Field(None, ge=1)  # None: ~4 sqrt(N), at most N/39 (k-means wants 39 per list)
-    nprobe: int = Field(32, ge=1)
-    # None: the largest divisor of dim leaving >= 4 dims per code (16 bytes at dim 64): FAISS trained
-    # 2-dim codes ~3x slower (36 s vs 13 s on 20k x 64 points, 1 thread). pq_m must divide dim.
-    pq_m: int | None = Field(None, ge=1)
-    pq_bits: int = Field(8, ge=1, le=16)
-    refine: int = Field(8, ge=0)  # rerank refine * k PQ candidates with the exact vectors; 0 = off
-    allowed_exact_max: int = Field(20_000, ge=0)  # allowed sets up to this size are searched exactly
-    recall_k: int = Field(100, ge=1)
-    recall_queries: int = Field(1000, ge=0)
-    threads: int | None = Field(None, ge=1)  # FAISS OpenMP threads (process-wide); None: all cores
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -73,54 +51,6 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     hits = sum(np.intersect1d(f[f >= 0], t[t >= 0]).size for f, t in zip(found, truth, strict=True))
     total = int((truth >= 0).sum())
     return hits / total if total else 1.0
-
-
-def _as_matrix(x: Any, name: str, dim: int | None = None) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
-        raise ValueError(f"{name} must be a 2-D float array [n, {dim or 'd'}], got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contain NaN or infinite values")
-    return x
-
-
-def _check_normalized(items: np.ndarray, similarity: str) -> bool:
-    if similarity not in ("dot", "cosine"):
-        raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
-    err = np.abs(np.linalg.norm(items, axis=1) - 1.0)
-    normalized = bool(np.all(err <= NORM_TOLERANCE))
-    if similarity == "cosine" and not normalized:
-        raise ValueError(
-            f"similarity='cosine' but the item vectors are not unit-norm (|norm - 1| up to {err.max():.3g}). "
-            "The index ranks by inner product, which equals cosine only for L2-normalised vectors; "
-            "normalising here would serve scores that differ from training. Pass the item tower's "
-            "normalised output, or build with similarity='dot'."
-        )
-    return normalized
-
-
-def _resolve(config: IndexConfig, n: int, dim: int) -> dict[str, Any]:
-    """The effective backend parameters (auto values filled in), validated against the data."""
-    if config.backend == "faiss-hnsw":
-        return {"hnsw_m": config.hnsw_m, "ef_construction": config.ef_construction,
-                "ef_search": config.ef_search}  # fmt: skip
-    if config.backend != "faiss-ivfpq":
-        return {}
-    nlist = config.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-    if nlist > n:
-        raise ValueError(f"nlist={nlist} exceeds the {n} items: every inverted list needs training points")
-    pq_m = config.pq_m or max(m for m in range(1, dim + 1) if dim % m == 0 and (4 * m <= dim or m == 1))
-    if dim % pq_m:
-        raise ValueError(f"pq_m={pq_m} must divide the vector dimension {dim}")
-    if n < 2**config.pq_bits:
-        raise ValueError(
-            f"IVF-PQ with pq_bits={config.pq_bits} trains {2**config.pq_bits} centroids per sub-quantizer "
-            f"but there are only {n} items: lower pq_bits or use backend 'faiss-flat'"
-        )
-    return {"nlist": nlist, "nprobe": min(config.nprobe, nlist), "pq_m": pq_m, "pq_bits": config.pq_bits,
-            "refine": config.refine}  # fmt: skip
 
 
 def _exclusion_pairs(exclude: Any, n_q: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +84,7 @@ class ItemIndex:
                  normalized: bool, build_report: dict[str, Any]) -> None:  # fmt: skip
         self.items, self.config, self.similarity = items, config, similarity
         self.faiss_index, self.normalized, self.build_report = faiss_index, normalized, build_report
-        self.params = _resolve(config, *items.shape)
+        self.params = resolve_params(config, *items.shape)
         self.n_items, self.dim = items.shape
         self._items_t = torch.from_numpy(items)
 
@@ -162,14 +92,14 @@ class ItemIndex:
     def build(cls, items: Any, config: IndexConfig, similarity: Similarity, queries: Any = None) -> ItemIndex:
         """Build over ``items`` [N, d]; build_report's recall is measured on ``queries`` (e.g. user
         embeddings) or, without them, on items (each then finds itself: a slightly optimistic proxy)."""
-        items = _as_matrix(items, "items")
+        items = as_matrix(items, "items")
         n, dim = items.shape
         if n == 0:
             raise ValueError("cannot build an index over zero items")
-        normalized = _check_normalized(items, similarity)
-        params = _resolve(config, n, dim)
+        normalized = check_normalized(items, similarity)
+        params = resolve_params(config, n, dim)
         start = time.perf_counter()
-        faiss_index = None if config.backend == "exact" else _build_faiss(items, params, config)
+        faiss_index = None if config.backend == "exact" else build_faiss(items, params, config)
         report: dict[str, Any] = {"backend": config.backend, "params": params, "n_items": n, "dim": dim,
                                   "build_seconds": time.perf_counter() - start, "k": min(config.recall_k, n),
                                   "recall_at_k": None, "n_queries": 0}  # fmt: skip
@@ -180,7 +110,7 @@ class ItemIndex:
             report.update(recall_queries_source="not computed (recall_queries=0)")
         else:
             source = "sample of the item vectors (no queries given)" if queries is None else "given queries"
-            queries = _as_matrix(items if queries is None else queries, "queries", dim)
+            queries = as_matrix(items if queries is None else queries, "queries", dim)
             if len(queries) > config.recall_queries:
                 pick = np.random.default_rng(0).choice(len(queries), config.recall_queries, replace=False)
                 queries = queries[np.sort(pick)]
@@ -190,7 +120,7 @@ class ItemIndex:
 
     def recall_vs_exact(self, queries: Any, k: int) -> float:
         """recall@k of this index against exact search over the same vectors."""
-        queries = _as_matrix(queries, "queries", self.dim)
+        queries = as_matrix(queries, "queries", self.dim)
         return recall_at_k(self.search(queries, k)[0], self._exact(queries, k, None, None)[0])
 
     def search(self, queries: Any, k: int, exclude: Any = None, allowed: Any = None
@@ -198,7 +128,7 @@ class ItemIndex:
         """Top-k ``(ids int64 [Q, k], scores float32 [Q, k])`` by inner product, descending; empty
         slots are (-1, -inf). ``exclude``: a CSR or list of id arrays, one per query; ``allowed``: the
         only item ids that may appear (the same for every query)."""
-        queries = _as_matrix(queries, "queries", self.dim)
+        queries = as_matrix(queries, "queries", self.dim)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         pairs = None if exclude is None else _exclusion_pairs(exclude, len(queries))
@@ -259,7 +189,7 @@ class ItemIndex:
             excl_keys = np.unique(rows[inside] * n + cols[inside])
             n_excl = np.bincount(excl_keys // n, minlength=n_q)
         wanted = np.minimum(k, (n if allowed is None else len(allowed)) - n_excl)  # fillable slots
-        selector = None if allowed is None else self._selector(allowed)
+        selector = None if allowed is None else faiss_selector(allowed, self.n_items)
         ids = np.full((n_q, k), -1, np.int64)
         scores = np.full((n_q, k), _EMPTY, np.float32)
         # Fetching over a quarter of the catalogue is slower than brute force: such rows go exact. The rest
@@ -318,33 +248,15 @@ class ItemIndex:
         order = np.lexsort((ids, -scores), axis=1)
         return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
 
-    def _selector(self, allowed: np.ndarray) -> Any:
-        faiss = _faiss()
-        mask = np.zeros(self.n_items, bool)
-        mask[allowed] = True
-        bitmap = np.packbits(mask, bitorder="little")  # IDSelectorBitmap tests bit (i & 7) of byte i >> 3
-        selector = faiss.IDSelectorBitmap(self.n_items, faiss.swig_ptr(bitmap))
-        selector.keep_alive = bitmap  # FAISS keeps a raw pointer: the array must live as long
-        return selector
-
     def _params(self, fetch: int, selector: Any) -> Any:
-        faiss, backend = _faiss(), self.config.backend
-        if backend == "faiss-hnsw":
-            # An efSearch below the fetch size would return fewer than `fetch` candidates.
-            return faiss.SearchParametersHNSW(efSearch=max(self.params["ef_search"], fetch), sel=selector)
-        if backend == "faiss-ivfpq":
-            ivf = faiss.SearchParametersIVF(nprobe=self.params["nprobe"], sel=selector)
-            refine = float(self.params["refine"])
-            return (
-                faiss.IndexRefineSearchParameters(k_factor=refine, base_index_params=ivf) if refine else ivf
-            )
-        return None if selector is None else faiss.SearchParameters(sel=selector)
+        """FAISS search parameters for this backend and a fetch of ``fetch`` (see faiss_search_params)."""
+        return faiss_search_params(self.config.backend, self.params, fetch, selector)
 
     def save(self, directory: str | Path) -> None:
         """vectors.safetensors, index.faiss, then index.json (last: it marks a complete index)."""
         directory = Path(directory)
         save_tensors(directory / "vectors.safetensors", {"items": torch.from_numpy(self.items)})
-        faiss = _faiss() if self.faiss_index is not None else None
+        faiss = import_faiss() if self.faiss_index is not None else None
         if faiss is not None:
             # faiss writes the temporary path itself; _atomic_write fsyncs and renames it into place.
             _atomic_write(directory / "index.faiss", lambda _h, tmp: faiss.write_index(self.faiss_index, tmp))
@@ -369,61 +281,10 @@ class ItemIndex:
             raise ValueError(
                 f"vectors {items.shape} disagree with index.json ({meta['n_items']}, {meta['dim']})"
             )
-        normalized = _check_normalized(items, similarity)
+        normalized = check_normalized(items, similarity)
         faiss_index = None
         if config.backend != "exact":
-            _set_threads(config)
-            faiss_index = _faiss().read_index(str(directory / "index.faiss"))
-            _check_faiss(faiss_index, items.shape, config.backend)
+            set_threads(config)
+            faiss_index = import_faiss().read_index(str(directory / "index.faiss"))
+            check_faiss(faiss_index, items.shape, config.backend)
         return cls(items, config, similarity, faiss_index, normalized, meta["build_report"])
-
-
-def _set_threads(config: IndexConfig) -> None:
-    if config.threads is not None:
-        _faiss().omp_set_num_threads(config.threads)  # process-wide: FAISS has one OpenMP pool
-
-
-def _check_faiss(index: Any, shape: tuple[int, int], backend: str) -> None:
-    """Refuse a FAISS index that would rank differently from the trained inner product."""
-    faiss = _faiss()
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise ValueError(
-            f"the FAISS index has metric_type {index.metric_type}, not METRIC_INNER_PRODUCT "
-            f"({faiss.METRIC_INNER_PRODUCT}): an L2 index ranks differently from the trained inner product"
-        )
-    kinds = {"faiss-flat": faiss.IndexFlat, "faiss-hnsw": faiss.IndexHNSW,
-             "faiss-ivfpq": (faiss.IndexIVFPQ, faiss.IndexRefine)}  # fmt: skip
-    if not isinstance(index, kinds[backend]):
-        raise ValueError(f"index.json says {backend!r} but the FAISS file holds a {type(index).__name__}")
-    if (index.ntotal, index.d) != shape:
-        raise ValueError(
-            f"the FAISS index holds {index.ntotal} x {index.d} vectors, not {shape[0]} x {shape[1]}"
-        )
-
-
-def _build_faiss(items: np.ndarray, params: dict[str, Any], config: IndexConfig) -> Any:
-    faiss = _faiss()
-    _set_threads(config)
-    (n, dim), ip = items.shape, faiss.METRIC_INNER_PRODUCT
-    if config.backend == "faiss-flat":
-        index = faiss.IndexFlatIP(dim)
-    elif config.backend == "faiss-hnsw":
-        index = faiss.IndexHNSWFlat(dim, params["hnsw_m"], ip)
-        index.hnsw.efConstruction = params["ef_construction"]
-        index.hnsw.efSearch = params["ef_search"]
-    else:
-        ivf = faiss.IndexIVFPQ(
-            faiss.IndexFlatIP(dim), dim, params["nlist"], params["pq_m"], params["pq_bits"], ip
-        )
-        ivf.nprobe = params["nprobe"]
-        index = ivf
-        if params["refine"]:  # the exact vectors beside the codes; searches pass k_factor explicitly
-            index = faiss.IndexRefineFlat(ivf)
-            index.k_factor = float(params["refine"])
-        # k-means wants ~40 points per centroid; far more only slows training. Training the refine
-        # wrapper trains the IVF-PQ (the flat refinement needs none).
-        n_train = min(n, 40 * max(params["nlist"], 2 ** params["pq_bits"]))
-        sample = np.sort(np.random.default_rng(0).choice(n, n_train, replace=False))
-        index.train(items[sample])
-    index.add(items)
-    return index

@@ -15,43 +15,47 @@ tower of a :class:`~twotower.ranking.DebiasedRanker` when the run has one (``run
 * **Bias**: the bias tower sees the position and the first context column (``device`` inside the
   model, whatever the file calls it). It only explains clicks during training; inference runs the
   relevance tower alone, so the context vocabulary is stored for the record, not for scoring.
-* **Files** (``run_dir/ranker/``): ``ranker.safetensors`` (full state dict), ``config.yaml`` (the
-  resolved :class:`RunRankerConfig`) and ``ranker.json`` (format, dimensions, context vocabulary,
-  learned examination curves, training summary, and a hash of the retrieval weights the features
-  came from). The directory is built beside the run and renamed into place, so a reader sees the old
-  ranker or the new one, never a mix; a random token in both files catches one that slipped through.
+* **Files** and serving: :class:`RunRanker` and the ``run_dir/ranker/`` format live in
+  :mod:`twotower.run_ranker` (loading and scoring need none of the training below); the names are
+  re-exported here, where the rest of the package imports them from.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
-from twotower.config import TrainConfig
-from twotower.data.impressions import ImpressionColumns, read_impressions
-from twotower.ranking import DebiasedRanker, RankerConfig
+from twotower.data.impressions import read_impressions
+from twotower.ranking import DebiasedRanker
 from twotower.ranking_metrics import click_log_likelihood
 from twotower.recommender import Retriever
-from twotower.storage import atomic_write_text, read_json, save_tensors, write_json
+from twotower.run_ranker import (
+    CONTEXT,
+    FORMAT,
+    RANKER_DIR,
+    STAGES,
+    RankerFormatError,
+    RunRanker,
+    RunRankerConfig,
+    build_ranker_model,
+    pair_features,
+    sha256_file,
+    stage_dir,
+)
 from twotower.train import fit
 
 __all__ = [
+    "FORMAT",
+    "RANKER_DIR",
+    "STAGES",
     "RankerFormatError",
     "RunRanker",
     "RunRankerConfig",
@@ -62,213 +66,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("twotower")
-
-FORMAT = "twotower.ranker/1"
-RANKER_DIR = "ranker"
-# Funnel stages a run may hold a ranker for: the main ranker, and a light one run between retrieval and
-# it (same model family, a smaller config) that cuts many retrieved candidates to a few.
-STAGES = ("ranker", "light_ranker")
-CONTEXT = "device"  # the bias tower's key for the context feature (file column names may not be valid keys)
-
-
-class RankerFormatError(ValueError):
-    """A ``ranker/`` directory that is unreadable or does not fit the run it sits in."""
-
-
-def pair_features(user_emb: Tensor, item_emb: Tensor) -> Tensor:
-    """``[..., N, 3d]``: user embedding (broadcast over the N items), item embedding, their product."""
-    user, item = torch.broadcast_tensors(user_emb.unsqueeze(-2), item_emb)
-    return torch.cat([user, item, user * item], dim=-1)
-
-
-class RunRankerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    columns: ImpressionColumns = Field(default_factory=lambda: ImpressionColumns(user="user_id"))
-    # PAL: p(click) = p(examined | position, device) * p(relevant | user, item). It was the best
-    # method with the clicks loss in our ULTR benchmark, and its examination factor does not depend
-    # on relevance, so the learned curve is a property of the UI that can be read and checked.
-    ranker: RankerConfig = Field(default_factory=lambda: RankerConfig(combination="pal", loss="clicks"))
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, batch_size=256, lr=3e-3))
-    max_position: int = Field(10, ge=1, description="slots per request; rows shown lower are ignored")
-    on_bad_rows: Literal["raise", "skip"] = "raise"
-
-    @model_validator(mode="after")
-    def _servable(self) -> RunRankerConfig:
-        if self.columns.user is None:
-            raise ValueError(
-                "columns.user must name the impression log's user id column: the ranker's features "
-                "are the retrieval towers' user embeddings, so every request needs its user"
-            )
-        if self.ranker.loss != "clicks":
-            raise ValueError(
-                f"ranker.loss={self.ranker.loss!r} needs propensities or true labels that a click log "
-                "does not have; use 'clicks'"
-            )
-        if self.ranker.position_feature:
-            raise ValueError(
-                "ranker.position_feature: the served relevance tower must score without a position"
-            )
-        stopping = self.train.early_stopping
-        if stopping is not None and (stopping.metric != "click_loglik" or not self.train.valid_fraction):
-            raise ValueError("train.early_stopping needs metric 'click_loglik' and train.valid_fraction > 0")
-        return self
-
-
-@dataclass
-class RunRanker:
-    """A trained ranker of a run; ``score`` runs the relevance tower only (no position, no bias)."""
-
-    model: DebiasedRanker
-    config: RunRankerConfig
-    embedding_dim: int
-    num_items: int
-    context_column: str | None
-    context_vocabulary: list[str]
-    examination_curve: dict[str, list[float]] | None  # context value -> curve relative to position 1
-    retrieval_sha256: str
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def relevance(self) -> nn.Module:
-        """The relevance tower, ``relevance(features [..., 3d], item [...]) -> logits [...]`` (for export)."""
-        return self.model.relevance
-
-    @torch.no_grad()
-    def score(self, user_emb: Tensor, item_idx: Tensor, item_emb: Tensor) -> Tensor:
-        """Relevance logits ``[B, N]`` of the items ``item_idx [B, N]`` (catalogue indices; a negative
-        index is padding and scores -inf) for users ``user_emb [B, d]``, items ``item_emb [B, N, d]``."""
-        if self.model.training:  # eval() walks every submodule: only when needed (serving calls this)
-            self.model.eval()
-        if item_idx.numel() and int(item_idx.max()) >= self.num_items:
-            raise ValueError(f"item index {int(item_idx.max())} is outside the catalogue")
-        logits = self.model.score(pair_features(user_emb, item_emb), item_idx.clamp(min=0))
-        return logits.masked_fill(item_idx < 0, float("-inf"))
-
-    def save(self, run_dir: str | Path, stage: str = RANKER_DIR) -> Path:
-        """Write ``run_dir/<stage>/`` whole: staged in a hidden sibling, then renamed into place."""
-        run_dir = Path(run_dir)
-        target = run_dir / _stage_dir(stage)
-        stage = Path(tempfile.mkdtemp(prefix=".ranker-", dir=run_dir))
-        try:
-            token = uuid.uuid4().hex
-            save_tensors(
-                stage / "ranker.safetensors", self.model.state_dict(), {"format": FORMAT, "token": token}
-            )
-            resolved = self.config.model_dump(mode="json")
-            atomic_write_text(stage / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-            write_json(stage / "ranker.json", {
-                "format": FORMAT, "token": token, "config": resolved,
-                "num_features": 3 * self.embedding_dim, "embedding_dim": self.embedding_dim,
-                "num_items": self.num_items, "num_positions": self.model.num_positions,
-                "context": {"column": self.context_column, "vocabulary": self.context_vocabulary},
-                "examination_curve": self.examination_curve, "retrieval_sha256": self.retrieval_sha256,
-                "summary": self.summary,
-            })  # fmt: skip
-            if target.exists():  # a directory cannot be renamed over a full one: move the old aside first
-                old = run_dir / f".ranker-old-{token}"
-                os.replace(target, old)
-                os.replace(stage, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(stage, target)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        return target
-
-    @classmethod
-    def load(cls, run_dir: str | Path, stage: str = RANKER_DIR) -> RunRanker | None:
-        """The run's ranker, or None when it has none; :class:`RankerFormatError` when it is broken."""
-        run_dir = Path(run_dir)
-        where = run_dir / _stage_dir(stage)
-        if not where.exists():
-            return None
-        try:
-            run = read_json(run_dir / "model.json")
-        except (OSError, ValueError) as exc:
-            raise RankerFormatError(f"{run_dir}: unreadable model.json ({exc})") from exc
-        return cls.load_dir(
-            where, run["embedding_dim"], len(run["item_ids"]), sha256_file(run_dir / "model.safetensors")
-        )
-
-    @classmethod
-    def load_dir(
-        cls, where: str | Path, embedding_dim: int, num_items: int, retrieval_sha256: str
-    ) -> RunRanker:
-        """A ranker directory checked against the retrieval model it must sit on (e.g. in an export)."""
-        where = Path(where)
-        try:
-            meta = read_json(where / "ranker.json")
-            if meta.get("format") != FORMAT:
-                raise RankerFormatError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-            config = RunRankerConfig.model_validate(meta["config"])
-            dim, num_items_saved, vocab = (
-                meta["embedding_dim"],
-                meta["num_items"],
-                meta["context"]["vocabulary"],
-            )
-            if meta["num_features"] != 3 * dim or dim != embedding_dim or num_items_saved != num_items:
-                raise RankerFormatError(
-                    f"trained for {dim}-dim embeddings and {num_items_saved} items, the run has "
-                    f"{embedding_dim} and {num_items}"
-                )
-            if meta["retrieval_sha256"] != retrieval_sha256:
-                raise RankerFormatError("trained on other retrieval weights than the run's model.safetensors")
-            with safe_open(str(where / "ranker.safetensors"), framework="pt") as handle:
-                if (handle.metadata() or {}).get("token") != meta["token"]:
-                    raise RankerFormatError("ranker.safetensors and ranker.json come from different saves")
-                state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-            model = _build(dim, num_items, meta["num_positions"], len(vocab), config.ranker)
-            model.load_state_dict(state, strict=True)
-        except RankerFormatError as exc:
-            raise RankerFormatError(f"{where}: {exc}; retrain it with train_run_ranker") from None
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, ValidationError) as exc:
-            raise RankerFormatError(f"{where}: unreadable ranker ({type(exc).__name__}: {exc})") from exc
-        model.eval()
-        return cls(model, config, dim, num_items, meta["context"]["column"], vocab, meta["examination_curve"],
-                   meta["retrieval_sha256"], meta.get("summary", {}))  # fmt: skip
-
-
-class Standardised(nn.Module):
-    """A relevance tower behind a fixed per-feature standardisation (buffers, saved with the weights).
-
-    Under cosine similarity the towers' outputs are unit vectors: a coordinate is ~1/sqrt(d) and a
-    product of two ~1/d, far below the scale a freshly initialised MLP expects, so it would spend
-    many steps just growing its first layer. Statistics of the training pairs fix that; inside the
-    module, an export of the relevance tower still takes the raw pair features.
-    """
-
-    def __init__(self, tower: nn.Module, num_features: int) -> None:
-        super().__init__()
-        self.tower = tower
-        self.register_buffer("mean", torch.zeros(num_features))
-        self.register_buffer("scale", torch.ones(num_features))
-
-    def forward(self, features: Tensor, item: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
-        return self.tower((features - self.mean) * self.scale, item, extra)
-
-
-def _build(
-    dim: int, num_items: int, num_positions: int, num_context: int, config: RankerConfig
-) -> DebiasedRanker:
-    model = DebiasedRanker(3 * dim, num_items, num_positions, {CONTEXT: num_context}, config)
-    model.relevance = Standardised(model.relevance, 3 * dim)
-    return model
-
-
-def _stage_dir(stage: str) -> str:
-    if stage not in STAGES:
-        raise ValueError(f"unknown ranker stage {stage!r}; choose one of {STAGES}")
-    return stage
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _positions(catalogue: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -353,7 +150,7 @@ def fit_run_ranker(
         return {"click_loglik": click_log_likelihood(torch.cat(probs).numpy(), torch.cat(clicks).numpy())}
 
     torch.manual_seed(config.train.seed)
-    model = _build(user_emb.shape[1], len(item_emb), n, len(vocabulary), config.ranker)
+    model = build_ranker_model(user_emb.shape[1], len(item_emb), n, len(vocabulary), config.ranker)
     # A random sample of training sessions (``train`` is shuffled): feature statistics now, the
     # additive model's curves later.
     sample = train[:8192]
@@ -411,7 +208,7 @@ def train_run_ranker(
 ) -> dict[str, Any]:
     """Train one of the run's rankers (``stage``: "ranker" or "light_ranker") on an impression log and
     save it to ``run_dir/<stage>/``; returns the training summary."""
-    _stage_dir(stage)  # an unknown stage fails before the training, not after
+    stage_dir(stage)  # an unknown stage fails before the training, not after
     ranker, summary = fit_run_ranker(run_dir, impressions_path, config, progress)
     where = ranker.save(run_dir, stage)
     log.info("%s saved to %s: %s", stage, where, summary)
