@@ -6,6 +6,8 @@
     python bench/ultr.py --letor PATH          # also a LETOR file (e.g. MSLR-WEB10K Fold1/train.txt)
     python bench/ultr.py --epochs 32 --valid-share 0.1   # each method's training length chosen on 10 % of
                                                # the training queries (rows tagged /valid-0.1-max32ep)
+    python bench/ultr.py --epochs 32 --valid-share 0.1 --bias-refit-epochs 16   # then the bias tower
+                                               # alone, relevance frozen (rows tagged /bias-refit-16ep)
 
 Parts (bench-format.md rows; `protocol` = click model / logging policy):
 
@@ -18,7 +20,8 @@ b. sweep: synthetic world, pbm, logging score w * y + (1 - w) * U(0, 4) for w in
 c. curves: the examination curve learned by each two-tower method under pbm (synthetic world, mean over
    seeds) against the simulator's, per device, relative to rank 1 (from part a's runs).
 
-Writes bench/results/ultr.json, ultr.md, ultr_sweep.png and ultr_curves.png.
+Writes bench/results/ultr.json, ultr.md, ultr_sweep.png and ultr_curves.png (ultr_valid_*.png with
+--valid-share, ultr_valid_refit_*.png with --bias-refit-epochs too).
 """
 
 from __future__ import annotations
@@ -106,7 +109,15 @@ def run_cell(data: RankingData, config: UltrConfig, methods, seeds, label: str) 
 
 def length_tag(args: argparse.Namespace) -> str:
     """Protocol suffix when the training length is chosen on held-out queries (else 8 fixed epochs)."""
-    return f"/valid-{args.valid_share:g}-max{args.epochs}ep" if args.valid_share else ""
+    tag = f"/valid-{args.valid_share:g}-max{args.epochs}ep" if args.valid_share else ""
+    if args.valid_share and args.patience != 3:  # 3: the rows measured before patience was a flag
+        tag += f"-patience{args.patience}"
+    return tag + (f"/bias-refit-{args.bias_refit_epochs}ep" if args.bias_refit_epochs else "")
+
+
+def plot_tag(args: argparse.Namespace) -> str:
+    """Plot file suffix, so a run with another training protocol does not overwrite the default's plots."""
+    return ("_valid" if args.valid_share else "") + ("_refit" if args.bias_refit_epochs else "")
 
 
 def config_for(args: argparse.Namespace, click: str, logging: dict) -> UltrConfig:
@@ -117,6 +128,7 @@ def config_for(args: argparse.Namespace, click: str, logging: dict) -> UltrConfi
             "train": train,
             "valid_share": args.valid_share,
             "patience": args.patience,
+            "bias_refit_epochs": args.bias_refit_epochs,
         }  # fmt: skip
     )
 
@@ -127,7 +139,10 @@ def merge(out: Path, command: str, new_rows: list[dict]) -> dict:
     saved = read_json(path) if path.exists() else {"rows": [], "command": ""}
     kept = [r for r in saved["rows"] if (r["dataset"], r["protocol"], r["method"]) not in done]
     if kept:  # the header names what produced every row, not only this run's
-        command = f"{command} (its rows); the other rows: {saved['command']}"
+        mine = f"{command} (its rows); the other rows: "
+        # A run saves after every cell: name the earlier runs once, not once per cell.
+        others = saved["command"].removeprefix(mine)
+        command = mine + others
     return result(NAME, command, kept + new_rows)
 
 
@@ -183,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         help="hold out this share of the training queries to choose each method's training length",
     )  # fmt: skip
     parser.add_argument("--patience", type=int, default=3, help="with --valid-share")
+    parser.add_argument(
+        "--bias-refit-epochs", type=int, default=0,
+        help="then fit the bias tower alone this many epochs, relevance frozen (UltrConfig)",
+    )  # fmt: skip
     parser.add_argument("--parts", nargs="+", default=["main", "sweep"], choices=["main", "sweep"])
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "ml-100k"])
     parser.add_argument(
@@ -216,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
                 if name == "synthetic" and click == "pbm" and two_tower:
                     sim = config.simulation
                     truth = ClickModel(sim.click_model, data.max_label, sim.top_n)
-                    plot_curves(two_tower, truth.curves, truth.device_names, out / f"{stem}_curves.png")
+                    path = out / f"{stem}{plot_tag(args)}_curves.png"
+                    plot_curves(two_tower, truth.curves, truth.device_names, path)
     if "sweep" in args.parts:
         data = datasets(args, only=["synthetic"])["synthetic"]
         sweep_methods = [m for m in SWEEP_METHODS if m in methods] if args.methods else list(SWEEP_METHODS)
@@ -231,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                         "method": method}  # fmt: skip
                 rows += measured_rows(base, vals, seeds)
             text = save(args, command, rows)
-        plot_sweep(sweep, out / f"{stem}_sweep.png")
+        plot_sweep(sweep, out / f"{stem}{plot_tag(args)}_sweep.png")
     print(text)
 
 

@@ -179,3 +179,42 @@ def test_valid_share_chooses_the_epoch_on_held_out_training_sessions(planted, me
     # The model handed back holds the best epoch's weights: its held-out objective is the best one.
     assert seen["validate"]()["objective"] == pytest.approx(best["valid_objective"], rel=1e-6)
     assert not model.training
+
+
+def test_refit_bias_moves_only_the_bias_tower_and_lowers_the_loss(planted):
+    from twotower.ultr import refit_bias
+
+    train, test, log, test_log, cfg, truth = planted
+    quick = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    model = train_ranker("two-tower-pal", train, log, quick, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = session_batches(train, log, None, batch_size=10_000, seed=0)
+    full = next(iter(batches(1)))
+    with torch.no_grad():
+        loss_before = model.compute_loss(full).item()
+    refit_bias(model, batches, epochs=30, lr=0.05)
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith("relevance."):
+            assert torch.equal(after[k], v), k  # frozen
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("bias."))
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again
+    assert not model.training
+    with torch.no_grad():
+        assert model.compute_loss(full).item() < loss_before
+
+
+def test_bias_refit_is_an_option_of_train_ranker(planted):
+    train, test, log, test_log, cfg, truth = planted
+    quick = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    plain = train_ranker("two-tower-pal", train, log, quick, seed=0)
+    refit = train_ranker(
+        "two-tower-pal", train, log, quick.model_copy(update={"bias_refit_epochs": 2}), seed=0
+    )
+    x = torch.from_numpy(test.features)
+    assert torch.equal(plain.score(x), refit.score(x))  # same relevance tower
+    assert not torch.equal(plain.bias.out.weight, refit.bias.out.weight)
+    naive = train_ranker("naive", train, log, quick.model_copy(update={"bias_refit_epochs": 2}), seed=0)
+    assert naive.bias is None  # no bias tower: nothing to refit
+    with pytest.raises(ValueError):
+        UltrConfig.model_validate({"bias_refit_epochs": -1})
