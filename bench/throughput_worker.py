@@ -169,7 +169,7 @@ def job_scale_train(args: argparse.Namespace) -> dict[str, Any]:
         model.task.distinct = not args.row_by_row
         source = stream(args.data_dir, spec)
         depth = spec["stream"]["prefetch"]
-        distinct: dict[str, list[int]] = {"users": [], "items": []}
+        seen: list[tuple[Any, Any]] = []  # each batch's ids, counted after training (off the timed loop)
 
         def batches(epoch: int):
             # ``steps`` batches of the epoch, then the prefetcher is closed at once (its thread stopped),
@@ -177,9 +177,7 @@ def job_scale_train(args: argparse.Namespace) -> dict[str, Any]:
             prefetched = iter(Prefetcher(source.epoch(epoch), depth=depth))
             try:
                 for batch in itertools.islice(prefetched, args.steps):
-                    # The distinct ids per batch, which set the size of the distinct-id step's products.
-                    distinct["users"].append(len(torch.unique(torch.as_tensor(batch["user_idx"]))))
-                    distinct["items"].append(len(torch.unique(torch.as_tensor(batch["item_idx"]))))
+                    seen.append((batch["user_idx"], batch["item_idx"]))
                     yield batch
             finally:
                 prefetched.close()
@@ -195,8 +193,9 @@ def job_scale_train(args: argparse.Namespace) -> dict[str, Any]:
             "steps_per_epoch": args.steps,
             "num_items": model.num_items,
             "peak_rss_mb_rank0": peak_rss_mb(),
-            "mean_distinct_users": float(np.mean(distinct["users"])),
-            "mean_distinct_items": float(np.mean(distinct["items"])),
+            # The distinct ids per batch set the size of the distinct-id step's products.
+            "mean_distinct_users": float(np.mean([len(np.unique(u)) for u, _ in seen])),
+            "mean_distinct_items": float(np.mean([len(np.unique(i)) for _, i in seen])),
         }
         return out if distributed.is_main() else {}  # rank 0 reports
     finally:
