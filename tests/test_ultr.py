@@ -181,27 +181,68 @@ def test_valid_share_chooses_the_epoch_on_held_out_training_sessions(planted, me
     assert not model.training
 
 
-def test_refit_bias_moves_only_the_bias_tower_and_lowers_the_loss(planted):
-    from twotower.ultr import refit_bias
+def test_refit_bias_moves_only_the_bias_tower_and_reaches_the_optimum(planted):
+    from twotower.ultr import _session_batch, refit_bias
 
     train, test, log, test_log, cfg, truth = planted
     quick = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
     model = train_ranker("two-tower-pal", train, log, quick, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = session_batches(train, log, None, batch_size=10_000, seed=0)
-    full = next(iter(batches(1)))
+    full = _session_batch(train, log)
     with torch.no_grad():
         loss_before = model.compute_loss(full).item()
-    refit_bias(model, batches, epochs=30, lr=0.05)
+    refit_bias(model, train, log, log.clicks)
     after = model.state_dict()
     for k, v in before.items():
         if k.startswith("relevance."):
             assert torch.equal(after[k], v), k  # frozen
     assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("bias."))
-    assert all(p.requires_grad for p in model.parameters())  # unfrozen again
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.bias.parameters())
     assert not model.training
+    loss = model.compute_loss(full)
+    assert loss.item() < loss_before
+    # An optimum: no direction of the bias tower's parameters lowers the loss any further.
+    loss.backward()
+    assert max(p.grad.abs().max().item() for p in model.bias.parameters()) < 1e-5
+    model.zero_grad(set_to_none=True)
+
+
+def test_refit_bias_recovers_a_planted_curve_exactly(planted):
+    """Click rates made by this very relevance tower times a known examination curve: the exact refit
+    must give back that curve (the bias tower can represent any per-(position, device) logit)."""
+    from twotower.ultr import _session_batch, learned_curves, refit_bias
+
+    train, test, log, test_log, cfg, _ = planted
+    quick = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    model = train_ranker("two-tower-pal", train, log, quick, seed=0)
+    theta = np.array([[0.9, 0.6, 0.4, 0.3, 0.2], [0.7, 0.3, 0.15, 0.1, 0.05]])  # desktop, mobile
     with torch.no_grad():
-        assert model.compute_loss(full).item() < loss_before
+        relevant = torch.sigmoid(model.relevance_logit(_session_batch(train, log))).numpy()
+    rates = np.where(log.mask, relevant * theta[log.device], 0.0).astype(np.float32)
+    refit_bias(model, train, log, rates)
+    learned = learned_curves(model, _session_batch(test, test_log), test_log)
+    np.testing.assert_allclose(learned, theta / theta[:, :1], atol=2e-3)
+
+
+def test_mean_clicks_averages_fresh_draws_and_keeps_a_real_log(planted):
+    from twotower.ultr import mean_clicks
+
+    train, test, log, test_log, cfg, _ = planted
+    click_model = ClickModel(cfg.simulation.click_model, 4, 5)
+    assert mean_clicks(log, None, 7, seed=0) is not log.clicks
+    np.testing.assert_array_equal(mean_clicks(log, None, 7, seed=0), log.clicks)
+    rates = mean_clicks(log, click_model, 200, seed=0)
+    assert set(np.unique(rates * 200).round(3)) <= set(np.arange(201.0))  # means of 200 0/1 draws
+    expected = click_model.click_probability(log.labels, log.device)
+    m = log.mask
+    # Means of 200 Bernoulli draws: their squared deviations from the probabilities add up to the
+    # binomial variance (36,000 slots: within 5 %), and their average per rank matches.
+    variance = (expected * (1 - expected) / 200)[m].sum()
+    assert ((rates - expected)[m] ** 2).sum() == pytest.approx(variance, rel=0.05)
+    np.testing.assert_allclose(rates.mean(0), expected.mean(0), atol=2e-3)
+    assert np.all(rates[~log.mask] == 0)
+    np.testing.assert_array_equal(rates, mean_clicks(log, click_model, 200, seed=0))  # seeded
 
 
 def test_bias_refit_is_an_option_of_train_ranker(planted):
