@@ -134,16 +134,18 @@ def config_for(args: argparse.Namespace, click: str, logging: dict) -> UltrConfi
 
 
 def merge(out: Path, command: str, new_rows: list[dict]) -> dict:
+    """The saved rows with ``new_rows`` added or replacing their (dataset, protocol, method) cells.
+
+    Every row carries the command that measured it, so a partial run (--parts, --clicks, --methods)
+    leaves the others' provenance intact; the header lists each command once."""
     path = out / f"{NAME}.json"
+    new_rows = [{**r, "command": command} for r in new_rows]
     done = {(r["dataset"], r["protocol"], r["method"]) for r in new_rows}
-    saved = read_json(path) if path.exists() else {"rows": [], "command": ""}
+    saved = read_json(path) if path.exists() else {"rows": []}
     kept = [r for r in saved["rows"] if (r["dataset"], r["protocol"], r["method"]) not in done]
-    if kept:  # the header names what produced every row, not only this run's
-        mine = f"{command} (its rows); the other rows: "
-        # A run saves after every cell: name the earlier runs once, not once per cell.
-        others = saved["command"].removeprefix(mine)
-        command = mine + others
-    return result(NAME, command, kept + new_rows)
+    rows = kept + new_rows
+    commands = list(dict.fromkeys(r.get("command", "(command not recorded)") for r in rows))
+    return result(NAME, " ; ".join(commands), rows)
 
 
 def save(args, command: str, rows: list[dict]) -> str:

@@ -260,6 +260,42 @@ class DebiasedRanker(nn.Module):
     def click_probability(self, batch: dict[str, Tensor]) -> Tensor:
         return self.click_log_probs(batch)[0].exp()
 
+    def fit_bias(self, r: Tensor, batch: dict[str, Tensor], clicks: Tensor, max_iter: int = 500) -> None:
+        """Fit the bias tower alone to the optimum of the click likelihood of ``batch``'s slots (its
+        ``position``, context and ``mask``), given their fixed relevance logits ``r``; ``clicks`` may be
+        rates in [0, 1] (a rate p counts as p clicks and 1 - p skips).
+
+        Full batch, L-BFGS with a strong-Wolfe line search: the bias tower has a few hundred
+        parameters, so this reaches the optimum that minibatch training only hovers around. The tower
+        runs once per step on the distinct (position, context) cells, not per slot, so a log of
+        millions of slots costs a few [slots] vectors. It runs in eval mode (no position dropout;
+        the "unknown position" embedding is left as it is)."""
+        if self.bias is None:
+            raise ValueError("this ranker has no bias tower (combination='none')")
+        self.eval()
+        mask = batch["mask"]
+        position = batch["position"].expand_as(mask)[mask]
+        context = [batch[n].unsqueeze(-1).expand_as(mask)[mask] for n in self.context_names]
+        cells, slot_cell = torch.unique(torch.stack([position, *context], dim=1), dim=0, return_inverse=True)
+        cell_inputs = (cells[:, :1], {n: cells[:, i + 1] for i, n in enumerate(self.context_names)})
+        r, target = r.detach()[mask], clicks[mask]
+        params = list(self.bias.parameters())
+        optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=50,
+                                      tolerance_grad=1e-9, tolerance_change=1e-12,
+                                      line_search_fn="strong_wolfe")  # fmt: skip
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            b = self.bias(*cell_inputs).squeeze(-1)[slot_cell]
+            log_p, log_not = self.combine(r, b)
+            loss = -(target * log_p + (1.0 - target) * log_not).mean()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        for p in params:
+            p.grad = None
+
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
         return self.task(self, batch)
 

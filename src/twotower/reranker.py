@@ -141,6 +141,7 @@ def fit_run_ranker(
         for start in range(0, len(shuffled), config.train.batch_size):
             yield batch(shuffled[start : start + config.train.batch_size])
 
+    @torch.no_grad()
     def validate() -> dict[str, float]:
         probs, clicks = [], []
         for start in range(0, len(valid), 4096):
@@ -170,6 +171,16 @@ def fit_run_ranker(
         "final_loss": result.history[-1]["loss"], "seconds": round(result.seconds, 3),
         **{k: v for k, v in result.history[-1].items() if k.startswith("valid_")},
     }  # fmt: skip
+    if config.bias_refit and model.bias is not None:
+        with torch.no_grad():  # the frozen relevance logits of every training slot, in chunks
+            r = torch.cat(
+                [model.relevance_logit(batch(train[i : i + 4096])) for i in range(0, len(train), 4096)]
+            )
+        index = torch.from_numpy(train)
+        cells = {k: sessions[k][index] for k in ("position", CONTEXT, "mask")}
+        model.fit_bias(r, cells, sessions["clicks"][index])
+        if n_valid:
+            summary["valid_click_loglik_after_bias_refit"] = validate()["click_loglik"]
     curves = _curves(model, batch(sample))
     ranker = RunRanker(model, config, user_emb.shape[1], len(item_emb), column, vocabulary,
                        None if curves is None else dict(zip(vocabulary, curves, strict=True)),

@@ -80,6 +80,13 @@ class RunRankerConfig(BaseModel):
     ranker: RankerConfig = Field(default_factory=lambda: RankerConfig(combination="pal", loss="clicks"))
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, batch_size=256, lr=3e-3))
     max_position: int = Field(10, ge=1, description="slots per request; rows shown lower are ignored")
+    bias_refit: bool = Field(
+        True,
+        description="after training, fit the bias tower alone to the exact optimum of the training "
+        "clicks' likelihood, the relevance tower frozen (so the served scores do not change): the "
+        "learned examination curve, and the propensities derived from it, are then the maximum "
+        "likelihood ones given the relevance tower instead of where minibatch training stopped",
+    )
     on_bad_rows: Literal["raise", "skip"] = "raise"
 
     @model_validator(mode="after")

@@ -155,7 +155,8 @@ def fit(
         if main:  # the other ranks wait in broadcast_json below
             if validate is not None:
                 model.eval()
-                record.update({f"valid_{k}": v for k, v in validate().items()})
+                with torch.no_grad():  # a validate callback need not remember to turn autograd off
+                    record.update({f"valid_{k}": v for k, v in validate().items()})
             state["history"].append(record)
             state["epoch"] = epoch
             if stopping is not None:

@@ -248,41 +248,17 @@ def mean_clicks(log: ClickLog, click_model: ClickModel | None, draws: int, seed:
     return (total / draws).astype(np.float32)
 
 
-def refit_bias(
-    model: DebiasedRanker, data: RankingData, log: ClickLog, clicks: np.ndarray, max_iter: int = 500
-) -> None:
+def refit_bias(model: DebiasedRanker, data: RankingData, log: ClickLog, clicks: np.ndarray) -> None:
     """Fit the bias tower alone to the optimum of the click likelihood of ``log``'s sessions with
-    ``clicks`` ([S, N], rates in [0, 1]: a click rate p counts as p clicks and 1 - p skips), the
-    relevance tower frozen and evaluated once (eval mode, parameters untouched).
-
-    Full batch, L-BFGS with a strong-Wolfe line search: the bias tower has a few hundred parameters,
-    so this reaches the optimum minibatch Adam only hovers around. The bias tower runs in eval mode,
-    so position dropout is off and the "unknown position" embedding is left as trained; the
-    adversary, if any, is not involved (``r`` is fixed)."""
+    ``clicks`` ([S, N], rates in [0, 1]), the relevance tower frozen and evaluated once in eval mode
+    (:meth:`DebiasedRanker.fit_bias`). The adversary, if any, is not involved (``r`` is fixed)."""
     if model.bias is None:
         raise ValueError("this ranker has no bias tower (combination='none')")
     model.eval()
     batch = _session_batch(data, log)
     with torch.no_grad():
         r = model.relevance_logit(batch, batch["position"] if model.config.position_feature else None)
-    mask = batch["mask"].float()
-    target = torch.from_numpy(clicks) * mask
-    params = list(model.bias.parameters())
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=50,
-                                  tolerance_grad=1e-9, tolerance_change=1e-12,
-                                  line_search_fn="strong_wolfe")  # fmt: skip
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        log_p, log_not = model.combine(r, model.raw_bias_logit(batch))
-        nll = -(target * log_p + (1.0 - target) * log_not)
-        loss = (nll * mask).sum() / mask.sum().clamp(min=1.0)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    for p in params:
-        p.grad = None
+    model.fit_bias(r, batch, torch.from_numpy(clicks))
 
 
 def held_out_queries(log: ClickLog, share: float, seed: int) -> np.ndarray:
