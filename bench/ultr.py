@@ -148,9 +148,19 @@ def merge(out: Path, command: str, new_rows: list[dict]) -> dict:
     return result(NAME, " ; ".join(commands), rows)
 
 
-def save(args, command: str, rows: list[dict]) -> str:
+def save(args, command: str, rows: list[dict]) -> tuple[str, dict]:
     res = result(NAME + "_quick", command, rows) if args.quick else merge(Path(args.out), command, rows)
-    return write(res, Path(args.out))
+    return write(res, Path(args.out)), res
+
+
+def sweep_from_rows(rows: list[dict], tag: str) -> dict[str, dict[float, list[float]]]:
+    """nDCG@10 per seed, by method and w, of the sweep rows measured under the protocol ``tag``."""
+    sweep: dict[str, dict[float, list[float]]] = {}
+    for w in SWEEP_W:
+        for r in rows:
+            if r["protocol"] == f"pbm/mixture-w{w:g}{tag}" and r["metric"] == "ndcg@10":
+                sweep.setdefault(r["method"], {})[w] = r["values"]
+    return sweep
 
 
 def plot_sweep(sweep: dict[str, dict[float, list[float]]], path: Path) -> None:
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
                     base = {"dataset": name, "protocol": f"{click}/production-1%{length_tag(args)}",
                             "method": method}  # fmt: skip
                     rows += measured_rows(base, vals, seeds)
-                text = save(args, command, rows)
+                text, _ = save(args, command, rows)
                 two_tower = {m: c for m, c in curves.items() if m.startswith("two-tower")}
                 if name == "synthetic" and click == "pbm" and two_tower:
                     sim = config.simulation
@@ -241,18 +251,19 @@ def main(argv: list[str] | None = None) -> None:
                     plot_curves(two_tower, truth.curves, truth.device_names, path)
     if "sweep" in args.parts:
         data = datasets(args, only=["synthetic"])["synthetic"]
-        sweep_methods = [m for m in SWEEP_METHODS if m in methods] if args.methods else list(SWEEP_METHODS)
-        sweep: dict[str, dict[float, list[float]]] = {m: {} for m in sweep_methods}
+        # --methods picks any methods (the PAL variants too); by default the issue's five
+        sweep_methods = list(args.methods) if args.methods else list(SWEEP_METHODS)
         rows = []
         for w in SWEEP_W:
             config = config_for(args, "pbm", {"kind": "mixture", "w": w})
             values, _ = run_cell(data, config, sweep_methods, seeds, f"sweep w={w}")
             for method, vals in values.items():
-                sweep[method][w] = vals["ndcg@10"]
                 base = {"dataset": "synthetic", "protocol": f"pbm/mixture-w{w:g}{length_tag(args)}",
                         "method": method}  # fmt: skip
                 rows += measured_rows(base, vals, seeds)
-            text = save(args, command, rows)
+            text, saved = save(args, command, rows)
+        # from the saved rows, so a run with a few methods redraws the plot with the others kept
+        sweep = sweep_from_rows(saved["rows"], length_tag(args))
         plot_sweep(sweep, out / f"{stem}{plot_tag(args)}_sweep.png")
     print(text)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from twotower.data.impressions import read_impressions
 from twotower.debiased_labels import DebiasConfig, debiased_labels
 from twotower.recommender import Retriever
 from twotower.reranker import RANKER_DIR, STAGES, RunRanker, sha256_file
-from twotower.storage import load_tensors, save_tensors, write_json
+from twotower.storage import load_tensors, save_tensors, staging_dir_beside, write_json
 
 __all__ = ["AlignRunConfig", "align_run"]
 
@@ -80,7 +79,7 @@ def align_run(
     history = align_retrieval(model, teacher, positives, config.align, config.batch_size, progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_dir_beside(out)
     try:
         # Rankers: see the module docstring. Metrics and reports: they describe the old weights.
         stale = {"metrics.json", "demo_summary.json", "funnel.json", "report", "report.html"}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from twotower.storage import temp_file_beside
 
 __all__ = ["SafetensorsAppender", "embed_item_chunks", "open_embeddings", "write_item_embeddings"]
 
@@ -76,7 +77,7 @@ class SafetensorsAppender:
 
     def __enter__(self) -> SafetensorsAppender:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, self._tmp = temp_file_beside(self.path)
         self._handle = os.fdopen(fd, "wb")
         self._handle.write(self._header())
         return self

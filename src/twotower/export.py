@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from twotower.index import IndexConfig, ItemIndex
 from twotower.query_tower import QueryTower
 from twotower.recommender import Retriever
 from twotower.retrieval import ModelConfig
-from twotower.storage import load_tensors, read_json, save_tensors, write_json
+from twotower.storage import load_tensors, read_json, save_tensors, staging_dir_beside, write_json
 from twotower.topk import CSR
 
 __all__ = ["EXPORT_FORMAT", "ExportedRun", "export_run", "load_export", "resolve_export"]
@@ -63,7 +62,7 @@ def export_run(
     query = QueryTower.from_model(model, user_encoder.fields())
     index_config = index or IndexConfig()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_dir_beside(out)
     try:
         save_tensors(staging / "query_tower.safetensors", query.state_dict())
         # Chunk by chunk into the file, then mapped back: a million-item catalogue never holds its

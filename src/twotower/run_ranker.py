@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 from twotower.config import TrainConfig
 from twotower.data.impressions import ImpressionColumns
 from twotower.ranking import DebiasedRanker, RankerConfig
-from twotower.storage import atomic_write_text, read_json, save_tensors, write_json
+from twotower.storage import atomic_write_text, read_json, save_tensors, staging_dir_beside, write_json
 
 __all__ = [
     "CONTEXT",
@@ -145,7 +144,7 @@ class RunRanker:
         """Write ``run_dir/<stage>/`` whole: staged in a hidden sibling, then renamed into place."""
         run_dir = Path(run_dir)
         target = run_dir / stage_dir(stage)
-        stage = Path(tempfile.mkdtemp(prefix=".ranker-", dir=run_dir))
+        stage = staging_dir_beside(target, prefix=".ranker-")
         try:
             token = uuid.uuid4().hex
             save_tensors(

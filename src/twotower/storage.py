@@ -17,10 +17,38 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+_umask_value = _umask()  # read once at import, not per write: setting it is process-wide (threads)
+_FILE_MODE = 0o666 & ~_umask_value  # what open(path, "w") would give
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in ``path``'s directory, to be renamed over ``path``: ``(fd, name)``.
+
+    ``mkstemp`` makes it owner-only (0600); it gets the mode a plain ``open`` would have given, or a
+    model written by one account could not be served by another."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
+
+
+def staging_dir_beside(path: Path, prefix: str | None = None) -> Path:
+    """A new directory in ``path``'s parent, to be filled and renamed to ``path``; like
+    :func:`temp_file_beside`, with the mode ``mkdir`` would have given, not ``mkdtemp``'s 0700."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix or f".{path.name}.", dir=path.parent))
+    staging.chmod(0o777 & ~_umask_value)
+    return staging
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle, tmp)
@@ -65,10 +93,11 @@ def save_tensors(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         save_file(flat, tmp, metadata=metadata)
+        os.chmod(tmp, _FILE_MODE)  # save_file writes a new file of its own, owner-only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,84 @@
+"""Atomic writes: the old file or the new one, never a truncated one; modes a plain open would give."""
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from twotower.chunked_export import SafetensorsAppender
+from twotower.storage import (
+    atomic_write_text,
+    load_tensors,
+    read_json,
+    save_tensors,
+    staging_dir_beside,
+    write_json,
+)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _expected_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def test_files_get_the_mode_open_would_give_not_mkstemps_0600(tmp_path):
+    """mkstemp makes owner-only files: a model exported by a training job could not be served by a
+    service account. Every atomic writer hands its file the umask's mode instead."""
+    write_json(tmp_path / "a.json", {"x": 1})
+    save_tensors(tmp_path / "t.safetensors", {"w": torch.ones(2)})
+    with SafetensorsAppender(tmp_path / "e.safetensors", "emb", (2, 3), torch.float32) as out:
+        out.append(torch.zeros(2, 3))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert _expected_mode() == _mode(plain)
+    for name in ("a.json", "t.safetensors", "e.safetensors"):
+        assert _mode(tmp_path / name) == _mode(plain), name
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "config.json"
+    write_json(path, {"version": 1})
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        write_json(path, {"version": 2, "bad": object()})
+    assert read_json(path) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_json_round_trip_converts_tensors_numpy_scalars_and_paths(tmp_path):
+    path = tmp_path / "sub" / "m.json"  # the directory is created
+    write_json(path, {"t": torch.tensor([1.5, 2.0]), "n": np.int64(3), "p": Path("/a/b")})
+    assert read_json(path) == {"n": 3, "p": "/a/b", "t": [1.5, 2.0]}
+    assert path.read_text().endswith("\n")
+
+
+def test_tensors_that_share_memory_are_saved_as_separate_copies(tmp_path):
+    """safetensors refuses aliased tensors (tied weights, views); save_tensors de-aliases them."""
+    base = torch.arange(6.0)
+    path = tmp_path / "w.safetensors"
+    save_tensors(path, {"all": base, "view": base[2:4], "tied": base}, metadata={"k": "v"})
+    loaded = load_tensors(path)
+    assert torch.equal(loaded["view"], torch.tensor([2.0, 3.0]))
+    assert torch.equal(loaded["tied"], base) and torch.equal(loaded["all"], base)
+
+
+def test_text_is_written_as_utf8(tmp_path):
+    atomic_write_text(tmp_path / "r.md", "nDCG@10 ± std → ok")
+    assert (tmp_path / "r.md").read_bytes().decode("utf-8") == "nDCG@10 ± std → ok"
+
+
+def test_staging_directories_get_the_mode_mkdir_would_give(tmp_path):
+    """An export or ranker directory is staged and renamed into place: it must not stay 0700."""
+    staged = staging_dir_beside(tmp_path / "export")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert staged.parent == tmp_path and staged.name.startswith(".export.")
+    assert _mode(staged) == _mode(plain)
