@@ -1,8 +1,8 @@
 """Unbiased learning to rank: every method x click model, the confounding sweep, the recovered curves.
 
-    python bench/ultr.py                       # all parts, 3 seeds (about 45 minutes on 2 cores)
+    python bench/ultr.py                       # all parts, 3 seeds (about 55 minutes on 2 cores)
     python bench/ultr.py --quick               # 1 seed, 1 epoch, small world, a few methods (under a minute)
-    python bench/ultr.py --parts sweep         # one part: main | sweep
+    python bench/ultr.py --parts sweep         # one part: main | sweep | rates
     python bench/ultr.py --letor PATH          # also a LETOR file (e.g. MSLR-WEB10K Fold1/train.txt)
     python bench/ultr.py --epochs 32 --valid-share 0.1   # each method's training length chosen on 10 % of
                                                # the training queries (rows tagged /valid-0.1-max32ep)
@@ -19,9 +19,13 @@ a. main: every method in twotower.ultr.METHODS x {position-based (pbm), cascade}
 b. sweep: synthetic world, pbm, logging score w * y + (1 - w) * U(0, 4) for w in {0, .25, .5, .75, 1}.
 c. curves: the examination curve learned by each two-tower method under pbm (synthetic world, mean over
    seeds) against the simulator's, per device, relative to rank 1 (from part a's runs).
+d. rates: PAL and additive with bias-logit dropout at the rates in RATES, part a's protocol with pbm
+   clicks (methods METHOD+bias-dropout@RATE), plotted against the rate with the plain (0) and default (.5)
+   rows of part a.
 
-Writes bench/results/ultr.json, ultr.md, ultr_sweep.png and ultr_curves.png (ultr_valid_*.png with
---valid-share, ultr_valid_refit_*.png with --bias-refit-epochs too).
+Writes bench/results/ultr.json, ultr.md, ultr_sweep.png, ultr_curves.png and ultr_rates.png
+(ultr_valid_*.png with --valid-share, ultr_valid_refit_*.png with --bias-refit-epochs too; --quick:
+ultr_quick*).
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ SWEEP_METHODS = (
     "naive",
 )
 QUICK_METHODS = ("naive", "two-tower-pal", "two-tower-additive+bias-dropout", "oracle")
+# Part "rates": bias-logit dropout rates between none (the plain rows) and the default .5 (the
+# +bias-dropout rows), for PAL and additive, under the main protocol with pbm clicks.
+RATES = (0.05, 0.1, 0.2, 0.3)
+RATE_METHODS = ("two-tower-pal", "two-tower-additive")
 
 
 def datasets(args: argparse.Namespace, only: list[str] | None = None) -> dict[str, RankingData]:
@@ -120,11 +128,12 @@ def plot_tag(args: argparse.Namespace) -> str:
     return ("_valid" if args.valid_share else "") + ("_refit" if args.bias_refit_epochs else "")
 
 
-def config_for(args: argparse.Namespace, click: str, logging: dict) -> UltrConfig:
+def config_for(args: argparse.Namespace, click: str, logging: dict, ranker: dict | None = None) -> UltrConfig:
     train = {"epochs": 1 if args.quick else args.epochs, "batch_size": 256, "lr": 3e-3}
     return UltrConfig.model_validate(
         {
             "simulation": {"click_model": {"model": click}, "logging": logging},
+            "ranker": ranker or {},
             "train": train,
             "valid_share": args.valid_share,
             "patience": args.patience,
@@ -133,23 +142,23 @@ def config_for(args: argparse.Namespace, click: str, logging: dict) -> UltrConfi
     )
 
 
-def merge(out: Path, command: str, new_rows: list[dict]) -> dict:
+def merge(out: Path, name: str, command: str, new_rows: list[dict]) -> dict:
     """The saved rows with ``new_rows`` added or replacing their (dataset, protocol, method) cells.
 
     Every row carries the command that measured it, so a partial run (--parts, --clicks, --methods)
     leaves the others' provenance intact; the header lists each command once."""
-    path = out / f"{NAME}.json"
+    path = out / f"{name}.json"
     new_rows = [{**r, "command": command} for r in new_rows]
     done = {(r["dataset"], r["protocol"], r["method"]) for r in new_rows}
     saved = read_json(path) if path.exists() else {"rows": []}
     kept = [r for r in saved["rows"] if (r["dataset"], r["protocol"], r["method"]) not in done]
     rows = kept + new_rows
     commands = list(dict.fromkeys(r.get("command", "(command not recorded)") for r in rows))
-    return result(NAME, " ; ".join(commands), rows)
+    return result(name, " ; ".join(commands), rows)
 
 
 def save(args, command: str, rows: list[dict]) -> tuple[str, dict]:
-    res = result(NAME + "_quick", command, rows) if args.quick else merge(Path(args.out), command, rows)
+    res = merge(Path(args.out), NAME + ("_quick" if args.quick else ""), command, rows)
     return write(res, Path(args.out)), res
 
 
@@ -175,6 +184,49 @@ def plot_sweep(sweep: dict[str, dict[float, list[float]]], path: Path) -> None:
     ax.set_title("Confounding sweep: synthetic world, position-based clicks")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rates_from_rows(rows: list[dict], protocol: str) -> dict[str, dict[str, dict[float, list[float]]]]:
+    """nDCG@10 per seed by dataset, method and bias-dropout rate under ``protocol``: the part's
+    ``METHOD+bias-dropout@RATE`` rows, the plain METHOD (rate 0), METHOD+bias-dropout (its default
+    rate), and naive and oracle (as rate 0, drawn as lines)."""
+    out: dict[str, dict[str, dict[float, list[float]]]] = {}
+    for r in rows:
+        if r["protocol"] != protocol or r["metric"] != "ndcg@10":
+            continue
+        method, dropped, suffix = r["method"].partition("+bias-dropout")
+        if r["method"] in ("naive", "oracle") or (method in RATE_METHODS and not dropped):
+            rate = 0.0
+        elif method in RATE_METHODS and suffix == "":
+            rate = METHODS[r["method"]]["bias_dropout"]
+        elif method in RATE_METHODS and suffix.startswith("@"):
+            rate = float(suffix[1:])
+        else:
+            continue
+        out.setdefault(r["dataset"], {}).setdefault(method, {})[rate] = r["values"]
+    return out
+
+
+def plot_rates(data: dict[str, dict[str, dict[float, list[float]]]], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(data), figsize=(5.5 * len(data), 4.2), squeeze=False)
+    for ax, (dataset, by_method) in zip(axes[0], data.items(), strict=True):
+        for method, by_rate in by_method.items():
+            if method in ("naive", "oracle"):
+                colour = "grey" if method == "naive" else "k"
+                ax.axhline(statistics.fmean(by_rate[0.0]), ls="--", color=colour, alpha=0.7, label=method)
+                continue
+            rates = sorted(by_rate)
+            means = [statistics.fmean(by_rate[x]) for x in rates]
+            stds = [statistics.stdev(by_rate[x]) if len(by_rate[x]) > 1 else 0.0 for x in rates]
+            ax.errorbar(rates, means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.set_xlabel("bias-logit dropout rate")
+        ax.set_ylabel("nDCG@10 vs true labels (held-out queries)")
+        ax.set_title(f"{dataset}: production-1% logging, position-based clicks")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -214,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         "--bias-refit-epochs", type=int, default=0,
         help="then fit the bias tower alone this many epochs, relevance frozen (UltrConfig)",
     )  # fmt: skip
-    parser.add_argument("--parts", nargs="+", default=["main", "sweep"], choices=["main", "sweep"])
+    parts = ["main", "sweep", "rates"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "ml-100k"])
     parser.add_argument(
         "--clicks", nargs="+", default=["pbm", "cascade"], choices=["pbm", "cascade", "trust"]
@@ -265,6 +318,24 @@ def main(argv: list[str] | None = None) -> None:
         # from the saved rows, so a run with a few methods redraws the plot with the others kept
         sweep = sweep_from_rows(saved["rows"], length_tag(args))
         plot_sweep(sweep, out / f"{stem}{plot_tag(args)}_sweep.png")
+    if "rates" in args.parts:
+        rate_methods = [m for m in RATE_METHODS if not args.methods or m in args.methods]
+        protocol = f"pbm/production-1%{length_tag(args)}"
+        for name, data in datasets(args).items():
+            rows = []
+            for rate in RATES:
+                config = config_for(args, "pbm", {"kind": "production", "label_share": 0.01},
+                                    {"bias_dropout": rate})  # fmt: skip
+                values, _ = run_cell(data, config, rate_methods, seeds, f"{name} bias-dropout {rate:g}")
+                for method, vals in values.items():
+                    base = {
+                        "dataset": name,
+                        "protocol": protocol,
+                        "method": f"{method}+bias-dropout@{rate:g}",
+                    }
+                    rows += measured_rows(base, vals, seeds)
+                text, saved = save(args, command, rows)
+            plot_rates(rates_from_rows(saved["rows"], protocol), out / f"{stem}{plot_tag(args)}_rates.png")
     print(text)
 
 
