@@ -157,7 +157,7 @@ def test_rerank_with_the_runs_relevance_tower(tmp_path):
     plain = pipe.recommend(RecommendRequest(user_id=3, k=40, rerank=False))
     ranker = RunRanker.load(run_dir)
     idx = torch.as_tensor([pipe.item_indices([i.item_id])[0][0] for i in plain.items])[None]
-    query = exported.query.known(torch.tensor([pipe.user_pos[3]]))
+    query = exported.query.known(torch.tensor([pipe.users.position(3)]))
     logits = ranker.score(query, idx, exported.item_embeddings[idx])[0]
     best = [plain.items[j].item_id for j in torch.argsort(-logits)[:10].tolist()]
     assert [i.item_id for i in answer.items] == best

@@ -81,7 +81,9 @@ class NumericFeature(_FeatureBase):
     """A real number, standardised with the fit data's mean and standard deviation."""
 
     type: Literal["numeric"] = "numeric"
-    fill: float | None = Field(None, description="raw value used for missing cells; None: the mean")
+    fill: float | None = Field(
+        None, allow_inf_nan=False, description="raw value used for missing cells; None: the mean"
+    )
 
 
 class BucketizedFeature(_FeatureBase):

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from twotower.align import (
     AlignConfig,
@@ -79,6 +79,15 @@ class FunnelExperimentConfig(BaseModel):
     align: AlignConfig = Field(default_factory=AlignConfig)
     ranker_epochs: int = Field(5, ge=1)
     variants: list[str] = Field(default_factory=lambda: list(VARIANTS))
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, variants: list[str]) -> list[str]:
+        # Checked here, not in stage 5: an unknown name would otherwise fail after minutes of training.
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        return variants
 
 
 def _ranker_config(config: FunnelExperimentConfig, light: bool) -> RunRankerConfig:

@@ -20,7 +20,6 @@ Scores: ``retrieval_score`` = similarity / temperature (what the model was train
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from typing import Any, Literal
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from twotower.export import ExportedRun
 from twotower.features import IdFeature
+from twotower.ids import IdLookup
 
 __all__ = ["Pipeline", "RecommendRequest", "RecommendResponse", "RequestError"]
 
@@ -94,13 +94,7 @@ class Pipeline:
         self.exported = exported
         self.retrieve_n = retrieve_n or (500 if exported.light_ranker is not None else 100)
         self.light_n = light_n
-        # Plain dicts: a hash lookup per id, where a pandas indexer call costs tens of microseconds.
-        self.user_pos = _positions(exported.user_ids)
-        self.item_pos = _positions(exported.item_ids)
-        self._integer_ids = {
-            "user": np.issubdtype(exported.user_ids.dtype, np.integer),
-            "item": np.issubdtype(exported.item_ids.dtype, np.integer),
-        }
+        self.users, self.items = IdLookup(exported.user_ids), IdLookup(exported.item_ids)
         # Item metadata as one list per column: a row is then a dict built in microseconds.
         table = exported.items
         self._meta_columns = (
@@ -118,18 +112,9 @@ class Pipeline:
 
     # --- ids -----------------------------------------------------------------------------------------
 
-    def _lookup(self, positions: dict[Any, int], value: Any, integer_ids: bool) -> int:
-        """Catalogue position of a raw id (-1: unknown), tolerating ids sent as strings for integer
-        catalogues and integers for string catalogues."""
-        for candidate in _id_forms(value, integer_ids):
-            pos = positions.get(candidate)
-            if pos is not None:
-                return pos
-        return -1
-
     def item_positions(self, ids: list[Any]) -> list[int]:
         """Catalogue position of each raw item id, -1 where the catalogue lacks it."""
-        return [self._lookup(self.item_pos, value, self._integer_ids["item"]) for value in ids]
+        return self.items.positions(ids)
 
     def item_indices(self, ids: list[Any]) -> tuple[list[int], list[Any]]:
         """(positions of the known ids, the unknown ids), each in the given order."""
@@ -157,11 +142,7 @@ class Pipeline:
             actions = [torch.tensor([request.history_actions[i] for i in keep], dtype=torch.long)]
             self._check_actions(actions[0])
         event_rows = [torch.tensor(events, dtype=torch.long)]
-        user = (
-            -1
-            if request.user_id is None
-            else self._lookup(self.user_pos, request.user_id, self._integer_ids["user"])
-        )
+        user = -1 if request.user_id is None else self.users.position(request.user_id)
         if user >= 0:
             return query.known(torch.tensor([user]), event_rows, actions), user, events, ignored
         features = self._encode_features(request)
@@ -324,23 +305,6 @@ def _inverted(values: list[Any]) -> dict[str, np.ndarray]:
         for key in set(_cell_keys(cell)):
             postings.setdefault(key, []).append(item)
     return {key: np.asarray(items, dtype=np.int64) for key, items in postings.items()}
-
-
-def _positions(ids: np.ndarray) -> dict[Any, int]:
-    return {value: pos for pos, value in enumerate(ids.tolist())}
-
-
-def _id_forms(value: Any, integer_ids: bool) -> list[Any]:
-    """The forms a raw id may take in a catalogue: as given, and int <-> str."""
-    if isinstance(value, bool):  # True is not user 1
-        return [str(value)]
-    forms = [value]
-    if isinstance(value, str) and integer_ids:
-        with contextlib.suppress(ValueError):
-            forms.append(int(value))
-    elif isinstance(value, int) and not integer_ids:
-        forms.append(str(value))
-    return forms
 
 
 def _missing(value: Any) -> bool:

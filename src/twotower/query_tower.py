@@ -140,7 +140,12 @@ class QueryTower(nn.Module):
             items, acts = self.stored_events(user)
             sequences.append(torch.cat([items, extra_events[row]]))
             if acts is not None:
-                extra = extra_actions[row] if extra_actions else torch.zeros(0, dtype=torch.long)
+                # Events given without actions take action 0, as in from_features.
+                extra = (
+                    extra_actions[row]
+                    if extra_actions
+                    else torch.zeros(len(extra_events[row]), dtype=torch.long)
+                )
                 actions.append(torch.cat([acts, extra]))
         return self._with_events(features, sequences, actions or None)
 

@@ -7,6 +7,7 @@ and ``evaluate`` commands go through here, so they see exactly what was saved.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from twotower.config import RunConfig, parse_config
 from twotower.data.dataset import build_retrieval_data
 from twotower.experiment import build_model, evaluate_model
 from twotower.features import FeatureEncoder
+from twotower.ids import IdLookup
 from twotower.retrieval import TwoTowerModel
 from twotower.storage import load_tensors, read_json, write_json
 from twotower.task_config import build_task
@@ -95,17 +97,16 @@ class Retriever:
             run_dir,
         )
 
+    @cached_property
+    def _user_lookup(self) -> IdLookup:
+        return IdLookup(self.user_ids)
+
     def user_index(self, user_ids: Any) -> Tensor:
-        """Catalogue indices of raw user ids; unknown ids raise ``UnknownUserError`` naming them."""
-        index = pd.Index(self.user_ids)
-        # ids typed on a command line arrive as strings; match the catalogue's dtype when possible
-        wanted = pd.Index(
-            np.asarray(user_ids, dtype=self.user_ids.dtype)
-            if _castable(user_ids, self.user_ids)
-            else list(user_ids)
-        )
-        positions = index.get_indexer(wanted)
-        missing = [str(u) for u, p in zip(wanted, positions, strict=True) if p < 0]
+        """Catalogue indices of raw user ids (matched as the service matches them,
+        :mod:`twotower.ids`); unknown ids raise ``UnknownUserError`` naming them."""
+        values = user_ids.tolist() if isinstance(user_ids, np.ndarray) else list(user_ids)
+        positions = self._user_lookup.positions(values)
+        missing = [str(u) for u, p in zip(values, positions, strict=True) if p < 0]
         if missing:
             raise UnknownUserError(f"unknown user id(s): {', '.join(missing[:10])}")
         return torch.as_tensor(positions, dtype=torch.long)
@@ -139,14 +140,6 @@ def evaluate_run(run_dir: str | Path, protocol: str | None = None) -> dict[str, 
     metrics = evaluate_model(retriever.model, config.eval.protocol, data.train, data.test, config.eval.ks)
     write_json(Path(run_dir) / f"metrics-{config.eval.protocol}.json", metrics)
     return metrics
-
-
-def _castable(values: Any, like: np.ndarray) -> bool:
-    try:
-        np.asarray(values, dtype=like.dtype)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _subset(csr: CSR, rows: Tensor) -> CSR:

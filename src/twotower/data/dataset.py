@@ -119,9 +119,11 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
 
     user_encoder = FeatureEncoder(list(config.features.user))
     item_encoder = FeatureEncoder(list(config.features.item))
+    # Features are fitted on the entities of training rows; id vocabularies on the training rows
+    # themselves, repeats included, so an id feature's min_count counts interactions.
     train_users, train_items = train_df[USER].unique(), train_df[ITEM].unique()
-    user_encoder.fit(user_frame[user_frame[USER].isin(train_users)], id_values=train_users)
-    item_encoder.fit(item_frame[item_frame[ITEM].isin(train_items)], id_values=train_items)
+    user_encoder.fit(user_frame[user_frame[USER].isin(train_users)], id_values=train_df[USER])
+    item_encoder.fit(item_frame[item_frame[ITEM].isin(train_items)], id_values=train_df[ITEM])
 
     user_pos = pd.Index(user_ids)
     item_pos = pd.Index(item_ids)
