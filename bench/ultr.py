@@ -172,18 +172,28 @@ def sweep_from_rows(rows: list[dict], tag: str) -> dict[str, dict[float, list[fl
     return sweep
 
 
+def _mean_std_line(ax, by_x: dict[float, list[float]], label: str) -> None:
+    """One line of per-x means over seeds, with their std as error bars."""
+    xs = sorted(by_x)
+    means = [statistics.fmean(by_x[x]) for x in xs]
+    stds = [statistics.stdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs]
+    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+
+
+def _finish(ax, xlabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("nDCG@10 vs true labels (held-out queries)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_sweep(sweep: dict[str, dict[float, list[float]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, by_w in sweep.items():
-        ws = sorted(by_w)
-        means = [statistics.fmean(by_w[w]) for w in ws]
-        stds = [statistics.stdev(by_w[w]) if len(by_w[w]) > 1 else 0.0 for w in ws]
-        ax.errorbar(ws, means, yerr=stds, marker="o", capsize=3, label=method)
-    ax.set_xlabel("logging policy strength w  (score = w·y + (1−w)·U(0, 4))")
-    ax.set_ylabel("nDCG@10 vs true labels (held-out queries)")
-    ax.set_title("Confounding sweep: synthetic world, position-based clicks")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        _mean_std_line(ax, by_w, method)
+    _finish(ax, "logging policy strength w  (score = w·y + (1−w)·U(0, 4))",
+            "Confounding sweep: synthetic world, position-based clicks")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -218,15 +228,8 @@ def plot_rates(data: dict[str, dict[str, dict[float, list[float]]]], path: Path)
                 colour = "grey" if method == "naive" else "k"
                 ax.axhline(statistics.fmean(by_rate[0.0]), ls="--", color=colour, alpha=0.7, label=method)
                 continue
-            rates = sorted(by_rate)
-            means = [statistics.fmean(by_rate[x]) for x in rates]
-            stds = [statistics.stdev(by_rate[x]) if len(by_rate[x]) > 1 else 0.0 for x in rates]
-            ax.errorbar(rates, means, yerr=stds, marker="o", capsize=3, label=method)
-        ax.set_xlabel("bias-logit dropout rate")
-        ax.set_ylabel("nDCG@10 vs true labels (held-out queries)")
-        ax.set_title(f"{dataset}: production-1% logging, position-based clicks")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            _mean_std_line(ax, by_rate, method)
+        _finish(ax, "bias-logit dropout rate", f"{dataset}: production-1% logging, position-based clicks")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
