@@ -246,3 +246,59 @@ def test_split_for_names():
     assert [len(p) for p in parts] == [40 - 8 - 8, 8, 8]  # 8 users with 5 rows each: 3 / 1 / 1
     with pytest.raises(KeyError):
         split_for("movielens", df)
+
+
+# Repeat consumption: user 0 trained on items 0 and 2 and is tested on 0 (a repeat) and 1; user 1 trained
+# on item 1 (user 0's test item) and is tested on 2.
+REPEAT_TRAIN = (torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]))
+REPEAT_TEST = (torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("name", ["msrec", "temporal"])
+def test_repeated_test_item_is_excluded_but_still_relevant_and_exclusion_is_per_user(name: str):
+    # Module docstring: a relevant item that is also a training pair of the same user can never be
+    # retrieved (Microsoft's remove_seen), yet it still counts in R. Exclusion is per user: user 1's
+    # training item 1 stays rankable for user 0.
+    #   user 0 ranks 0..5, minus {0, 2} -> 1, 3, 4, 5: item 1 at rank 1, item 0 absent, R = 2
+    #   user 1 ranks 2, 3, 4, 1, 0, 5, minus {1} -> 2, 3, 4, 0, 5: item 2 at rank 1, R = 1
+    out = evaluate_embeddings(PROTOCOLS[name], USER_EMB, ITEM_EMB, *REPEAT_TEST, *REPEAT_TRAIN)
+    assert out["n_queries"] == 2
+    expected = {
+        "ndcg@10": (1 / (1 + 1 / math.log2(3)) + 1 / 1) / 2,  # user 0: DCG 1, IDCG over min(2, 10) = 2
+        "recall@10": (1 / 2 + 1 / 1) / 2,
+        "precision@10": (1 / 10 + 1 / 10) / 2,
+        "map@10": ((1 / 1) / 2 + (1 / 1) / 1) / 2,
+        "mrr@10": (1 / 1 + 1 / 1) / 2,
+        "hit@10": (1 + 1) / 2,
+    }
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_tfrs_keeps_repeated_items_and_counts_every_test_rating():
+    # Nothing is excluded: user 0's repeat item 0 is first, item 1 second; user 1's item 2 first.
+    # A duplicated test rating (user 1, item 2 twice) is two queries.
+    te_u, te_i = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 2])
+    out = evaluate_embeddings(PROTOCOLS["tfrs"], USER_EMB, ITEM_EMB, te_u, te_i, *REPEAT_TRAIN, ks=(1, 2))
+    assert out["n_queries"] == 4
+    assert out["top1_accuracy"] == pytest.approx((1 + 0 + 1 + 1) / 4)
+    assert out["top2_accuracy"] == pytest.approx((1 + 1 + 1 + 1) / 4)
+
+
+def test_tied_scores_rank_the_lower_item_index_first_after_exclusion():
+    # User (1, 0) scores items x: 2, 2, 2, 1 -> a three-way tie at 2. Item 0 is a training item, so
+    # the list is 1, 2, 3 (lower index first within the tie). Test item 2 sits at rank 2.
+    items = torch.tensor([[2.0, 0.0], [2.0, 9.0], [2.0, -9.0], [1.0, 0.0]])
+    users = torch.tensor([[1.0, 0.0]])
+    out = evaluate_embeddings(
+        PROTOCOLS["msrec"],
+        users,
+        items,
+        torch.tensor([0]),
+        torch.tensor([2]),
+        torch.tensor([0]),
+        torch.tensor([0]),
+        ks=(1, 2),
+    )
+    assert out["mrr@2"] == pytest.approx(1 / 2) and out["hit@1"] == 0.0 and out["hit@2"] == 1.0
+    assert out["ndcg@2"] == pytest.approx((1 / math.log2(3)) / 1)

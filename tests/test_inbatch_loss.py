@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,3 +195,50 @@ def test_the_workspace_keeps_one_buffer_whatever_the_shapes():
     held, token = space.acquire(60, 70, like)
     fresh, _ = space.acquire(60, 70, like)  # the first graph still holds it: a separate tensor
     assert fresh.untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+
+
+def test_same_item_positive_for_two_users_hand_values():
+    # Rows 0 and 1 both have item 5 as positive (columns 0 and 1); row 2 has item 7. T = 0.5.
+    # Similarities q c^T: row 0 [1, 0, 0], row 1 [0, 1, 0], row 2 [1, 1, 0]; divided by T:
+    #   z0 = [2, 0, 0], z1 = [0, 2, 0], z2 = [2, 2, 0].
+    # Accidental hits: (0, 1) and (1, 0) only (item 5 is each row's positive); row 2 keeps all.
+    #   l0 = log(e^2 + e^0) - 2 = log(1 + e^-2);  l1 = the same;  l2 = log(2 e^2 + 1) - 0.
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    cand = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    ids = torch.tensor([5, 5, 7])
+    rows, cols = accidental_hits(ids, torch.arange(3))
+    assert sorted(zip(rows.tolist(), cols.tolist(), strict=True)) == [(0, 1), (1, 0)]
+    l0 = math.log(1 + math.exp(-2))
+    l2 = math.log(2 * math.exp(2) + 1)
+    got = inbatch_softmax(query, cand, 0.5, candidate_ids=ids)
+    assert got.item() == pytest.approx((2 * l0 + l2) / 3, rel=1e-12)
+    # Without removal, row 0 would also count column 1 (z = 0): log(e^2 + 2) - 2.
+    plain = inbatch_softmax(query, cand, 0.5)
+    assert plain.item() == pytest.approx((2 * math.log(1 + 2 * math.exp(-2)) + l2) / 3, rel=1e-12)
+    # With logQ, Q = (1/2, 1/2, 1/4): the correction is added AFTER the temperature, z = s / T - log Q:
+    #   z0 = [2 + log 2, (removed), log 4] -> l0 = log(2 e^2 + 4) - 2 - log 2 = log(1 + 2 e^-2)
+    #   z2 = [2 + log 2, 2 + log 2, log 4] -> l2 = log(4 e^2 + 4) - log 4 = log(e^2 + 1)
+    log_q = torch.tensor([0.5, 0.5, 0.25], dtype=torch.float64).log()
+    got_q = inbatch_softmax(query, cand, 0.5, candidate_ids=ids, log_q=log_q)
+    want_q = (2 * math.log(1 + 2 * math.exp(-2)) + math.log(math.exp(2) + 1)) / 3
+    assert got_q.item() == pytest.approx(want_q, rel=1e-12)
+
+
+def test_gradients_equal_autograd_of_the_dense_definition_with_duplicates_and_logq():
+    # The hand-written backward against autograd through the dense definition: duplicates (hits),
+    # a logQ column and a non-unit temperature, in float64.
+    g = torch.Generator().manual_seed(4)
+    q0 = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    c0 = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    ids = torch.tensor([1, 2, 1, 3, 2, 1])
+    log_q = torch.rand(6, generator=g, dtype=torch.float64).log()
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0, 3.0], dtype=torch.float64)
+    q1, c1 = q0.clone().requires_grad_(), c0.clone().requires_grad_()
+    inbatch_softmax(q1, c1, 0.3, candidate_ids=ids, log_q=log_q, weight=weight).backward()
+    q2, c2 = q0.clone().requires_grad_(), c0.clone().requires_grad_()
+    z = q2 @ c2.T / 0.3 - log_q[None, :]
+    hit = (ids[None, :] == ids[:, None]) & ~torch.eye(6, dtype=torch.bool)
+    per_row = torch.logsumexp(z.masked_fill(hit, float("-inf")), 1) - z.diagonal()
+    ((per_row * weight).sum() / weight.sum()).backward()
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c1.grad, c2.grad, rtol=1e-10, atol=1e-12)

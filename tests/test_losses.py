@@ -249,3 +249,55 @@ def test_registry_and_validation():
         listwise_softmax(POS, NEG[:1])
     with pytest.raises(ValueError, match="weight"):
         listwise_softmax(POS, NEG, weight=torch.ones(3))
+
+
+def test_triplet_hinge_gradient_is_zero_exactly_at_the_margin():
+    # Docstring: the triplet is zero once s+ - s- >= margin, "at the boundary exactly". Exactly
+    # representable: 1.0 - 0.5 = 0.5 = margin, so relu(0.5 + 0.5 - 1.0) = relu(0) with gradient 0;
+    # just inside (s- = 0.5 + 2^-10) the slopes are +1 for s- and -1 for s+.
+    for s_neg, grad_neg in ((0.5, 0.0), (0.5 + 2**-10, 1.0)):
+        pos = torch.tensor([1.0], requires_grad=True)
+        neg = torch.tensor([[s_neg]], requires_grad=True)
+        loss = triplet_hinge(pos, neg, 0.5)
+        loss.backward()
+        assert loss.item() == approx(s_neg + 0.5 - 1.0)
+        assert neg.grad.item() == grad_neg and pos.grad.item() == -grad_neg
+
+
+def test_listwise_softmax_logq_only_differences_matter_and_the_sign_penalises_popular_items():
+    # Q may be any quantity proportional to the sampling probability: adding log c to every log Q
+    # (positive and negatives alike) leaves the loss unchanged.
+    log_q_pos = torch.tensor([-1.0, -2.0])
+    log_q_neg = torch.tensor([[-0.5, -3.0], [-1.5, -1.0]])
+    base = listwise_softmax(POS, NEG, log_q_pos=log_q_pos, log_q_neg=log_q_neg)
+    shifted = listwise_softmax(POS, NEG, log_q_pos=log_q_pos + 7.0, log_q_neg=log_q_neg + 7.0)
+    assert shifted.item() == approx(base.item())
+    # Sign (Yi et al. 2019, s_c = s - log p): one anchor, pos 0, one negative 0. A positive sampled
+    # with Q = 1/2 and a negative with Q = 1/8: z+ = 0 - log(1/2) = log 2, z- = log 8;
+    # l = log(2 + 8) - log 2 = log 5. The reversed sign would give log((1/2 + 1/8) / (1/2)) = log 1.25.
+    one = listwise_softmax(
+        torch.zeros(1),
+        torch.zeros(1, 1),
+        log_q_pos=torch.tensor([math.log(1 / 2)]),
+        log_q_neg=torch.tensor([[math.log(1 / 8)]]),
+    )
+    assert one.item() == approx(math.log(5))
+
+
+def test_mixed_negative_logits_use_the_mixture_probability_for_the_uniform_part():
+    # Mixed negatives (Yang et al. 2020): B = 2 in-batch candidates drawn with p_batch = (3/4, 1/4, 0, 0)
+    # and B' = 2 uniform candidates over I = 4 items; q(y) = (B p_batch(y) + B' / I) / (B + B').
+    #   item 0: (2 * 3/4 + 2/4) / 4 = 1/2;   item 1: (2 * 1/4 + 2/4) / 4 = 1/4;
+    #   items 2, 3 (uniform part only): (0 + 2/4) / 4 = 1/8.
+    from twotower.negatives import MixedSampler, UniformSampler
+
+    class Exact:  # p_batch as given, log 0 = -inf for the items never in a batch
+        def log_probability(self, ids):
+            return torch.tensor([0.75, 0.25, 0.0, 0.0], dtype=torch.float64)[ids].log()
+
+    log_q = MixedSampler(UniformSampler(4), 2, Exact()).log_probability(torch.arange(4), batch_size=2)
+    assert log_q.exp().tolist() == approx([1 / 2, 1 / 4, 1 / 8, 1 / 8])
+    # Anchor with positive item 0 and negatives 1, 2, 3, all scores 0, so z = -log q:
+    #   z+ = log 2, z- = log 4, log 8, log 8; l = log(2 + 4 + 8 + 8) - log 2 = log 11.
+    loss = listwise_softmax(torch.zeros(1), torch.zeros(1, 3), log_q_pos=log_q[:1], log_q_neg=log_q[1:])
+    assert loss.item() == approx(math.log(11))

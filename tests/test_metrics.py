@@ -224,3 +224,93 @@ def test_ties_through_topk_rank_lower_index_first(item_chunk: int):
     ids2, _ = topk_items(torch.tensor([[1.0]]), items, k=2, item_chunk=item_chunk)
     assert ids2.tolist() == [[1, 2]]  # item 4 loses the tie at the k-th place
     assert float(hit_at_k(ids2, rel, 2)[0]) == 0.0
+
+
+def _reference_metrics(ranked: list[int], rel: set[int], k: int) -> dict[str, float]:
+    """The Microsoft-Recommenders definitions of the module docstring, written out in plain Python."""
+    hits = [int(x >= 0 and x in rel) for x in ranked[:k]]
+    hits += [0] * (k - len(hits))  # a list narrower than k: missing slots are misses
+    n_rel, n_hit = len(rel), sum(hits)
+    dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))  # 0-based r: discount log2(rank + 1)
+    idcg = sum(1 / math.log2(i + 2) for i in range(min(n_rel, k)))
+    ap, seen = 0.0, 0
+    for r, h in enumerate(hits):
+        if h:
+            seen += 1
+            ap += seen / (r + 1)  # precision at the rank of each hit
+    first = next((r + 1 for r, h in enumerate(hits) if h), None)
+    return {
+        "ndcg": dcg / idcg,
+        "recall": n_hit / n_rel,
+        "precision": n_hit / k,
+        "map": ap / n_rel,  # divided by ALL relevant items, not min(R, k)
+        "mrr": 0.0 if first is None else 1 / first,
+        "hit": float(n_hit > 0),
+    }
+
+
+def test_compute_metrics_matches_a_plain_python_reference_on_random_lists():
+    # Random lists with empty slots, relevant sets both smaller and larger than k, and empty ones
+    # (which the mean must skip); cut-offs below, at and beyond the list width.
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        n_q, width = 4, int(torch.randint(1, 6, (1,), generator=gen))
+        lists, rels = [], []
+        for _ in range(n_q):
+            ranked = torch.randperm(12, generator=gen)[:width].tolist()
+            filled = int(torch.randint(0, width + 1, (1,), generator=gen))
+            lists.append(ranked[:filled] + [-1] * (width - filled))
+            n_rel = int(torch.randint(0, 8, (1,), generator=gen))
+            rels.append(sorted(torch.randperm(12, generator=gen)[:n_rel].tolist()))
+        ks = (1, 3, width, width + 2)
+        out = compute_metrics(torch.tensor(lists), relevant_csr(rels), ks=ks)
+        kept = [q for q in range(n_q) if rels[q]]
+        for k in ks:
+            for name in ("ndcg", "recall", "precision", "map", "mrr", "hit"):
+                if not kept:
+                    assert math.isnan(out[f"{name}@{k}"])
+                    continue
+                want = sum(_reference_metrics(lists[q], set(rels[q]), k)[name] for q in kept) / len(kept)
+                assert out[f"{name}@{k}"] == pytest.approx(want, abs=1e-12), (name, k, lists, rels)
+
+
+def test_map_at_k_divides_by_all_relevant_items_as_in_anchors():
+    # anchors.md: Microsoft's MAP = sum of precision@rank over the hits in the top k / (number of ALL
+    # relevant test items). Hits at ranks 1, 2, 3 of k = 3, R = 5:
+    #   (1/1 + 2/2 + 3/3) / 5 = 3/5 = 0.6;  dividing by min(R, k) = 3 would give 1.0.
+    topk = torch.tensor([[4, 2, 0, 9]])
+    rel = relevant_csr([[0, 2, 4, 6, 8]])
+    assert float(map_at_k(topk, rel, 3)[0]) == pytest.approx(0.6)
+    # NDCG stays capped by min(R, k): a perfect top 3 gives 1 whatever R is.
+    assert float(ndcg_at_k(topk, rel, 3)[0]) == pytest.approx(1.0)
+    # At k = 4 the miss at rank 4 changes nothing in MAP (same 3/5) but precision drops to 3/4.
+    assert float(map_at_k(topk, rel, 4)[0]) == pytest.approx(0.6)
+    assert float(precision_at_k(topk, rel, 4)[0]) == pytest.approx(3 / 4)
+
+
+def test_query_without_relevant_items_is_zero_per_query_and_absent_from_the_mean():
+    # q0 has no relevant item but a full list; q1 hits at rank 2 of k = 2 with R = 1.
+    topk = torch.tensor([[0, 1], [3, 2]])
+    rel = relevant_csr([[], [2]])
+    for fn in (ndcg_at_k, recall_at_k, precision_at_k, map_at_k, mrr_at_k, hit_at_k):
+        assert float(fn(topk, rel, 2)[0]) == 0.0  # zero, never NaN
+    out = compute_metrics(topk, rel, ks=(2,))
+    # Mean over q1 alone: ndcg = (1/log2 3) / 1, recall 1/1, precision 1/2, map (1/2)/1, mrr 1/2, hit 1.
+    assert out["ndcg@2"] == pytest.approx(1 / math.log2(3))
+    assert out["recall@2"] == pytest.approx(1.0)
+    assert out["precision@2"] == pytest.approx(0.5)
+    assert out["map@2"] == pytest.approx(0.5)
+    assert out["mrr@2"] == pytest.approx(0.5)
+    assert out["hit@2"] == pytest.approx(1.0)
+
+
+def test_hand_built_csr_with_a_duplicate_counts_the_relevant_item_once():
+    # hit_matrix promises: "A hand-built CSR may hold unsorted or duplicated rows; normalise rather than
+    # mis-answer" (and test_metrics pins hit_matrix on exactly this CSR). The hits are normalised, but
+    # R = relevant.lengths() still counts the duplicate: R = 3 instead of |{1, 5}| = 2.
+    csr = CSR(indptr=torch.tensor([0, 3]), indices=torch.tensor([5, 1, 5]))
+    topk = torch.tensor([[1, 5]])
+    # Both relevant items retrieved: recall = H / R = 2 / 2 = 1; MAP = (1/1 + 2/2) / 2 = 1.
+    assert float(recall_at_k(topk, csr, 2)[0]) == pytest.approx(1.0)
+    assert float(map_at_k(topk, csr, 2)[0]) == pytest.approx(1.0)
+    assert compute_metrics(topk, csr, ks=(2,), names=("recall",))["recall@2"] == pytest.approx(1.0)

@@ -119,10 +119,11 @@ class StreamingFrequencyEstimator(nn.Module):
     def expected_gap(self, ids: Tensor) -> Tensor:
         """Estimated steps between two occurrences of each id: max over hash functions of B."""
         buckets = self.buckets(ids.to(self.gap.device))
-        gaps = torch.gather(self.gap, 1, buckets).amax(dim=0)
-        # A bucket never seen has no estimate yet: treat it as seen once over the whole stream so far.
-        unseen = gaps <= 0
-        return torch.where(unseen, torch.full_like(gaps, float(max(int(self.step), 1))), gaps)
+        gaps = torch.gather(self.gap, 1, buckets)  # [hashes, n]
+        # A bucket never seen has no estimate yet: it counts as seen once over the whole stream so far,
+        # per hash and BEFORE the max, so one collided bucket cannot make an unseen id look frequent.
+        whole_stream = torch.full_like(gaps, float(max(int(self.step), 1)))
+        return torch.where(gaps <= 0, whole_stream, gaps).amax(dim=0)
 
     def probability(self, ids: Tensor) -> Tensor:
         """Estimated occurrences per step (proportional to the sampling probability)."""

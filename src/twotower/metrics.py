@@ -73,6 +73,21 @@ def hit_matrix(topk_ids: Tensor, relevant: CSR) -> Tensor:
     return (rel_keys[pos] == keys) & (ids >= 0)
 
 
+def _n_relevant(relevant: CSR) -> Tensor:
+    """float64[Q]: distinct relevant items per row (a hand-built CSR may repeat one, as hit_matrix
+    allows); the row lengths themselves for a CSR from :meth:`CSR.from_pairs`."""
+    lengths = relevant.indptr.diff()
+    indices = relevant.indices
+    if indices.numel() < 2:
+        return lengths.double()
+    width = int(indices.max()) + 1
+    keys = torch.repeat_interleave(torch.arange(relevant.n_rows, device=indices.device), lengths) * width
+    keys = keys + indices
+    if bool((keys[1:] > keys[:-1]).all()):
+        return lengths.double()
+    return torch.bincount(torch.unique(keys) // width, minlength=relevant.n_rows).double()
+
+
 def _pad(hits: Tensor, k: int) -> Tensor:
     """First k columns of ``hits``; a list shorter than k is padded with misses (empty slots)."""
     if hits.shape[1] >= k:
@@ -134,7 +149,7 @@ def _per_query(name: str, topk_ids: Tensor, relevant: CSR, k: int) -> Tensor:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     hits = _pad(hit_matrix(topk_ids, relevant), k)
-    n_rel = relevant.lengths().to(hits.device).double()
+    n_rel = _n_relevant(relevant).to(hits.device)
     return METRICS[name](hits, n_rel, k)
 
 
@@ -187,7 +202,7 @@ def compute_metrics(
     if any(k < 1 for k in ks):
         raise ValueError(f"cut-offs must be >= 1, got {ks}")
     hits_full = hit_matrix(topk_ids, relevant)  # computed once and sliced per cut-off
-    n_rel = relevant.lengths().to(hits_full.device).double()
+    n_rel = _n_relevant(relevant).to(hits_full.device)
     keep = n_rel > 0
     out: dict[str, float] = {}
     for k in ks:
