@@ -8,7 +8,7 @@ from conftest import tiny_config
 from twotower.experiment import train_run
 from twotower.export import export_run, load_export
 from twotower.index import IndexConfig
-from twotower.pipeline import Pipeline, RecommendRequest, RequestError
+from twotower.pipeline import MAX_K, Pipeline, RecommendRequest, RequestError
 from twotower.recommender import Retriever
 
 
@@ -214,3 +214,159 @@ def test_inverted_filter_index_equals_a_scan():
         hits = [inverted[str(v)] for v in values if str(v) in inverted]
         got = np.unique(np.concatenate(hits)) if hits else np.zeros(0, dtype=np.int64)
         np.testing.assert_array_equal(got, want)
+
+
+# --- edge cases of the serving path --------------------------------------------------------------
+
+
+def _brute_force(pipeline, query):
+    """Every catalogue item's retrieval score, recomputed from the exported model."""
+    exported = pipeline.exported
+    with torch.inference_mode():
+        return ((query / exported.temperature) @ exported.item_embeddings.T)[0].numpy()
+
+
+def test_scores_are_sorted_and_equal_a_brute_force_recomputation(pipeline):
+    exported = pipeline.exported
+    with torch.inference_mode():
+        known = exported.query.known(torch.tensor([pipeline.users.position(7)]))
+        cold = exported.query.from_features(exported.user_encoder.transform_record({"segment": "s1"}))
+    for request, query in [
+        (RecommendRequest(user_id=7, k=1000, exclude_seen=False), known),
+        (RecommendRequest(features={"segment": "s1"}, k=1000), cold),
+    ]:
+        answer = pipeline.recommend(request)
+        want = _brute_force(pipeline, query)
+        scores = np.array([i.score for i in answer.items])
+        assert len(answer.items) == len(exported.item_ids)  # k beyond the catalogue: all of it, once
+        assert len(set(_ids(answer))) == len(answer.items)
+        assert np.all(np.diff(scores) <= 0)
+        np.testing.assert_allclose(scores, want[pipeline.item_positions(_ids(answer))], rtol=1e-5, atol=1e-5)
+        assert np.all(np.abs(scores) <= 1 / exported.temperature + 1e-4)  # cosine / temperature
+
+
+def test_exclusions_can_leave_a_short_or_empty_list_never_padding(pipeline):
+    all_ids = pipeline.exported.item_ids.tolist()
+    seen = set(pipeline.exported.item_ids[pipeline.exported.seen.row(7).numpy()].tolist())
+    history = all_ids[:140]
+    answer = pipeline.recommend(RecommendRequest(user_id=7, history=history, k=50))
+    assert set(_ids(answer)) == set(all_ids) - seen - set(history)
+    assert pipeline.recommend(RecommendRequest(user_id="new", history=all_ids, k=5)).items == []
+    assert pipeline.recommend(RecommendRequest(user_id="new", exclude_items=all_ids, k=5)).items == []
+    kept = pipeline.recommend(RecommendRequest(user_id="new", history=all_ids, k=5, exclude_seen=False))
+    assert len(kept.items) == 5  # exclude_seen=False: the history is only a signal
+    # exclude_items holds whatever exclude_seen says
+    assert 3 not in _ids(pipeline.recommend(RecommendRequest(k=150, exclude_seen=False, exclude_items=[3])))
+
+
+def test_history_ids_unknown_duplicated_unicode_or_text_typed(pipeline):
+    answer = pipeline.recommend(
+        RecommendRequest(user_id="ünïcødé-👤", history=[3, 3, "3", "ü-item", "007", "5"], k=150)
+    )
+    assert answer.path == "cold_start" and answer.user_id == "ünïcødé-👤"
+    assert answer.ignored_history == ["ü-item", "007"]  # "007" is not item 7 (ids.py), "5" is item 5
+    assert {3, 5}.isdisjoint(_ids(answer)) and 7 in _ids(answer)
+    assert len(answer.items) == 148 and len(set(_ids(answer))) == 148
+
+
+def test_filters_matching_nothing_or_also_in_history(pipeline):
+    for filters in ({"genres": ["no-such-genre"]}, {"genres": []}, {"genres": [None]}, {"year": [10**30]}):
+        answer = pipeline.recommend(RecommendRequest(user_id=7, filters=filters))
+        assert answer.items == [], filters
+    table = pipeline.exported.items
+    year = int(table["year"].iloc[0])
+    matching = set(table["item_id"][table["year"] == year].tolist())
+    only = min(matching)
+    request = {"user_id": "new", "history": [only], "k": 150}
+    hidden = pipeline.recommend(RecommendRequest(**request, filters={"year": [year]}))
+    assert len(matching) > 1 and set(_ids(hidden)) == matching - {only}
+    shown = pipeline.recommend(RecommendRequest(**request, filters={"year": [str(year)]}, exclude_seen=False))
+    assert set(_ids(shown)) == matching  # a filter value typed as text matches the integer column
+    with pytest.raises(RequestError, match="cannot filter on 'item_id'.*genres"):
+        pipeline.recommend(RecommendRequest(filters={"item_id": [3]}))
+
+
+def test_cold_start_feature_values_of_unknown_or_odd_types_are_out_of_vocabulary(pipeline):
+    """An unknown categorical value, a number or a bool where a segment name is expected: all map to
+    out-of-vocabulary, as a missing feature does; a list is refused."""
+    baseline = _ids(pipeline.recommend(RecommendRequest(user_id="new")))
+    for value in ["no-such-segment", 5, True, None, float("inf"), "ü"]:
+        answer = pipeline.recommend(RecommendRequest(user_id="new", features={"segment": value}))
+        assert answer.path == "cold_start" and _ids(answer) == baseline, value
+    with pytest.raises(RequestError, match="takes one value"):
+        pipeline.recommend(RecommendRequest(user_id="new", features={"segment": ["s1", "s2"]}))
+    known = pipeline.recommend(RecommendRequest(user_id=7, features={"segment": "s2"}))
+    assert known.path == "known" and _ids(known) == _ids(pipeline.recommend(RecommendRequest(user_id=7)))
+
+
+def test_history_actions_of_the_wrong_type_or_length():
+    from pydantic import ValidationError
+
+    for actions in (["a"], [1.5], "01", [[1]]):
+        with pytest.raises(ValidationError, match="history_actions"):
+            RecommendRequest(history=[1], history_actions=actions)
+    with pytest.raises(ValidationError, match="k"):
+        RecommendRequest(k=MAX_K + 1)
+
+
+class _StubRanker:
+    """A ranker whose relevance logit is a fixed function of the catalogue index."""
+
+    def __init__(self, logit):
+        self.logit = logit
+
+    def score(self, query, item_idx, item_embeddings):
+        return self.logit(item_idx).float()
+
+
+def test_rerank_orders_by_the_rankers_logit_ties_to_the_lower_index(pipeline):
+    import dataclasses
+
+    exported = pipeline.exported
+    stub = Pipeline(dataclasses.replace(exported, ranker=_StubRanker(lambda i: i // 10)), retrieve_n=40)
+    retrieved = pipeline.recommend(RecommendRequest(user_id=7, k=40))
+    answer = stub.recommend(RecommendRequest(user_id=7, k=12))
+    assert answer.reranked and len(answer.items) == 12
+    positions = pipeline.item_positions(_ids(retrieved))
+    want = sorted(positions, key=lambda p: (-(p // 10), p))[:12]
+    assert pipeline.item_positions(_ids(answer)) == want
+    assert all(i.score == i.rank_score and i.light_score is None for i in answer.items)
+    by_id = {i.item_id: i.retrieval_score for i in retrieved.items}
+    assert all(i.retrieval_score == by_id[i.item_id] for i in answer.items)
+    plain = stub.recommend(RecommendRequest(user_id=7, k=12, rerank=False))
+    assert not plain.reranked and _ids(plain) == _ids(retrieved)[:12]
+    empty = stub.recommend(RecommendRequest(user_id=7, filters={"genres": ["none"]}))
+    assert empty.items == []
+
+
+def test_a_malformed_numeric_user_id_takes_the_cold_start_path(pipeline):
+    assert pipeline.recommend(RecommendRequest(user_id="--7")).path == "cold_start"
+
+
+def test_a_light_ranker_never_returns_fewer_than_k_items(pipeline):
+    import dataclasses
+
+    exported = dataclasses.replace(
+        pipeline.exported, ranker=_StubRanker(lambda i: i), light_ranker=_StubRanker(lambda i: -i)
+    )
+    funnel = Pipeline(exported, retrieve_n=60, light_n=20)
+    assert len(funnel.recommend(RecommendRequest(user_id=7, k=50, exclude_seen=False)).items) == 50
+    defaults = Pipeline(exported)  # retrieve_n 500, light_n 100
+    assert len(defaults.recommend(RecommendRequest(user_id=7, k=140, exclude_seen=False)).items) == 140
+
+
+def test_filter_answers_do_not_depend_on_the_previous_request(pipeline):
+    """On a high-cardinality column (scanned and cached) [None] and ["None"] are different filters."""
+    import dataclasses
+
+    tags = ["None" if i % 2 else "x" for i in range(150)]
+    tags[0] = "|".join(f"t{j}" for j in range(10_001))  # > 10 000 distinct values: the scan + cache path
+    exported = dataclasses.replace(pipeline.exported, items=pipeline.exported.items.assign(tag=tags))
+
+    def count(p, value):
+        request = RecommendRequest(user_id=7, k=1000, exclude_seen=False, filters={"tag": [value]})
+        return len(p.recommend(request).items)
+
+    fresh = Pipeline(exported)
+    assert (count(fresh, None), count(Pipeline(exported), "None")) == (0, 75)
+    assert count(fresh, "None") == 75  # not the cached answer for [None]

@@ -229,3 +229,202 @@ def test_export_is_created_on_first_serve(tmp_path):
     with TestClient(create_app(run_dir)) as c:
         assert c.get("/healthz").status_code == 200
     assert (Path(run_dir) / "export" / "manifest.json").exists()
+
+
+# --- edge cases of the service -------------------------------------------------------------------
+
+
+def _post(client, body: bytes):
+    return client.post("/recommend", content=body, headers={"content-type": "application/json"})
+
+
+def _strict_json(text: str):
+    """JSON as RFC 8259 has it: NaN and Infinity are not JSON."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in a response")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b'{"user_id": NaN}', 422),
+        (b'{"user_id": Infinity}', 422),
+        (b'{"k": -Infinity}', 422),
+        (b'{"k": 5.5}', 422),
+        (b'{"history_actions": ["a"]}', 422),
+        (b'{"features": {"segment": {"a": 1}}}', 422),
+        (b'{"features": {"segment": ["s1", "s2"]}}', 422),
+        (b'{"user_id": 7, "features": {"segment": NaN}}', 200),
+        (b'{"features": {"segment": Infinity}}', 200),
+        (b'{"filters": {"year": [NaN]}}', 200),
+        (b'{"user_id": "\\u00fc\\u00f1\\u00ed\\ud83d\\ude00"}', 200),
+        (b'{"user_id": 100000000000000000000000000000, "history": [-1, 3]}', 200),
+        (b'{"history": [3.0]}', 422),  # ids are strings or integers (strictly: no float, no bool)
+        (b'{"history": [1e300]}', 422),
+        (b'{"user_id": 7, "k": 1000}', 200),
+        (b'{"user_id": 7, "k": 1001}', 422),
+    ],
+)
+def test_odd_json_is_answered_with_strict_json_never_a_5xx(client, body, status):
+    answer = _post(client, body)
+    assert answer.status_code == status, answer.text
+    _strict_json(answer.text)
+
+
+def test_unicode_ids_and_feature_names_round_trip(client):
+    answer = client.post("/recommend", json={"user_id": "ünï-😀", "history": ["😀"], "exclude_items": ["é"]})
+    assert answer.status_code == 200 and answer.json()["user_id"] == "ünï-😀"
+    assert answer.json()["path"] == "cold_start" and answer.json()["ignored_history"] == ["😀"]
+    bad = client.post("/recommend", json={"features": {"ségment": "s1"}})
+    assert bad.status_code == 422 and "ségment" in bad.json()["detail"]
+
+
+def _samples(client) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = client.get("/metrics")
+    assert answer.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_parse_and_count_requests_by_route_and_status(client):
+    def count(route, status):
+        return before.get(("twotower_requests_total", (("route", route), ("status", status))), 0.0)
+
+    before = _samples(client)
+    want = {
+        ("/recommend", "200"): 2,
+        ("/recommend", "422"): 3,
+        ("unmatched", "404"): 1,
+        ("/healthz", "200"): 1,
+    }
+    want = {key: count(*key) + n for key, n in want.items()}
+    latency = before.get(("twotower_request_latency_seconds_count", (("route", "/recommend"),)), 0.0)
+    client.post("/recommend", json={"user_id": 7})
+    client.post("/recommend", json={"user_id": "new", "k": 3})
+    client.post("/recommend", json={"k": 0})
+    _post(client, b"{not json")
+    client.post("/recommend", json={"filters": {"colour": ["red"]}})
+    client.get("/no/such/route")
+    client.get("/healthz")
+    before = _samples(client)
+    assert {key: count(*key) for key in want} == want
+    assert before[("twotower_request_latency_seconds_count", (("route", "/recommend"),))] == latency + 5
+
+
+def test_the_model_loads_once_at_start_up(runs, monkeypatch):
+    import twotower.serve as serve
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return load_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "load_pipeline", counting)
+    with TestClient(create_app(runs[0], allow_reload=True)) as c:
+        assert len(calls) == 1
+        for body in ({"user_id": 7}, {"user_id": "new"}, {"k": 0}):
+            c.post("/recommend", json=body)
+        c.get("/healthz"), c.get("/metrics")
+        assert len(calls) == 1
+        assert c.post("/admin/reload", json={}).status_code == 200
+        assert len(calls) == 2 and calls[1] == runs[0]  # a reload, and only a reload, loads again
+
+
+def test_cli_recommend_answers_what_the_service_answers(client, runs):
+    from typer.testing import CliRunner
+
+    from twotower.cli import app
+
+    cases = [
+        (["--user", "7", "-k", "5", "--filter", "genres=g2"], {"k": 5, "filters": {"genres": ["g2"]}}),
+        (["--user", "new", "--feature", "segment=s1", "--history", "3", "--history", "x"],
+         {"user_id": "new", "features": {"segment": "s1"}, "history": ["3", "x"]}),
+        (["--user", "7", "--include-seen", "--no-rerank"], {"exclude_seen": False, "rerank": False}),
+    ]  # fmt: skip
+    for args, body in cases:
+        body = {"user_id": "7", **body}
+        result = CliRunner().invoke(app, ["recommend", str(runs[0]), *args, "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output) == client.post("/recommend", json=body).json()
+
+
+@pytest.fixture(scope="module")
+def routed(runs):
+    """The app with the fast path taken out: POST /recommend then reaches the declared FastAPI route."""
+    from twotower.serve import _Measure
+
+    app = create_app(runs[0], allow_reload=False)
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not _Measure]
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"user_id": 7, "k": 3}',
+        b'{"user_id": "u", "features": {"segment": "s1"}, "history": [3, "x"], "filters": {"year": [1974]}}',
+        b'{"user_id": 7, "k": 0}',
+        b'{"user_id": 7, "k": "ten"}',
+        b'{"user_id": 7, "kk": 3}',
+        b'{"user_id": Infinity}',
+        b'{"features": {"segmnt": "s1"}}',
+        b'{"filters": {"colour": ["red"]}}',
+    ],
+)
+def test_fast_path_and_fastapi_route_agree(client, routed, body):
+    fast, slow = _post(client, body), _post(routed, body)
+    assert (fast.status_code, fast.json()) == (slow.status_code, slow.json())
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b"{not json", {"content-type": "application/json"}),
+        (b"", {"content-type": "application/json"}),
+        (b"[]", {"content-type": "application/json"}),
+        (b'{"user_id": ' + b"1" * 5000 + b"}", {"content-type": "application/json"}),
+        (b'{"user_id": 7}', {}),
+        (b'{"user_id": 7}', {"content-type": "text/plain"}),
+        (b'{"features": {"segmnt": "s1"}}', {"content-type": "application/json"}),
+    ],
+    ids=["bad-json", "empty", "array", "5000-digit-int", "no-content-type", "text-plain", "request-error"],
+)
+def test_fast_path_hands_everything_it_does_not_answer_to_the_route_byte_for_byte(
+    client, routed, body, headers
+):
+    """Errors and other content types are the declared route's answers, not a look-alike."""
+    fast = client.post("/recommend", content=body, headers=headers)
+    slow = routed.post("/recommend", content=body, headers=headers)
+    assert (fast.status_code, fast.content) == (slow.status_code, slow.content)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"user_id": "--7"},
+        {"user_id": "1" * 5000},  # int() refuses more than 4300 digits
+        {"user_id": 7, "history": ["--3"]},
+        {"user_id": 7, "exclude_items": ["--3"]},
+    ],
+)
+def test_malformed_numeric_ids_are_unknown_ids_never_a_5xx(client, body):
+    answer = client.post("/recommend", json=body)
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize(
+    "body", [{"user_id": True}, {"history": [True]}, {"exclude_items": [False]}, {"k": True}, {"k": "5"}]
+)
+def test_json_booleans_and_quoted_numbers_are_wrong_types_not_ids_or_counts(client, body):
+    # lax validation made true user 1 and k=true one item
+    assert client.post("/recommend", json=body).status_code == 422

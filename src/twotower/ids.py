@@ -11,6 +11,7 @@ id, distinct from 7, so ``"007"`` is not user 7 either.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,8 +31,10 @@ def id_forms(value: Any, integer_ids: bool) -> list[Any]:
     forms = [value]
     if isinstance(value, str) and integer_ids:
         text = value.strip()
-        if text.lstrip("-").isdecimal() and str(int(text)) == text:
-            forms.append(int(text))
+        # str(int(text)) == text keeps canonical forms only; int() refuses "--7" and > 4300 digits
+        with contextlib.suppress(ValueError):
+            if text.removeprefix("-").isdecimal() and str(int(text)) == text:
+                forms.append(int(text))
     elif isinstance(value, int) and not integer_ids:
         forms.append(str(value))
     return forms

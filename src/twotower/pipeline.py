@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from twotower.export import ExportedRun
 from twotower.features import IdFeature
@@ -46,23 +46,24 @@ class RequestError(ValueError):
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str | int | None = Field(
+    # Strict ints: lax pydantic would turn JSON true into user / item 1 (True is not an id here).
+    user_id: str | StrictInt | None = Field(
         None, description="a catalogue user; unknown ids take the cold-start path"
     )
     features: dict[str, Value | list[Value]] | None = Field(
         None, description="raw user features by column name, for users the model has not seen"
     )
-    history: list[str | int] = Field(
+    history: list[str | StrictInt] = Field(
         default_factory=list, max_length=10_000, description="recent item ids, oldest first"
     )
-    history_actions: list[int] | None = Field(None, description="one action code per history item")
-    k: int = Field(10, ge=1, le=MAX_K)
-    exclude_seen: bool = Field(True, description="drop the user's training items and the history items")
-    exclude_items: list[str | int] = Field(default_factory=list, max_length=10_000)
+    history_actions: list[StrictInt] | None = Field(None, description="one action code per history item")
+    k: StrictInt = Field(10, ge=1, le=MAX_K)
+    exclude_seen: StrictBool = Field(True, description="drop the user's training items and the history items")
+    exclude_items: list[str | StrictInt] = Field(default_factory=list, max_length=10_000)
     filters: dict[str, list[Value]] | None = Field(
         None, description="item metadata column -> allowed values (a '|'-separated cell matches any token)"
     )
-    rerank: bool = Field(True, description="re-rank with the relevance tower when the run has one")
+    rerank: StrictBool = Field(True, description="re-rank with the relevance tower when the run has one")
 
 
 class RecommendedItem(BaseModel):
@@ -192,7 +193,8 @@ class Pipeline:
                     match = np.unique(np.concatenate(hits)) if hits else np.zeros(0, dtype=np.int64)
                 allowed = match if allowed is None else np.intersect1d(allowed, match, assume_unique=True)
                 continue
-            key = (column, tuple(sorted(map(str, values))))
+            # None matches nothing (see _matching), so it must not share a key with the text "None"
+            key = (column, tuple(sorted({str(v) for v in values if v is not None})))
             with self._lock:
                 match = self._filter_cache.get(key)
                 if match is None:
@@ -238,8 +240,9 @@ class Pipeline:
         ids, retrieval = ids[0][keep], retrieval[0][keep]
         scores: dict[str, np.ndarray] = {"retrieval": retrieval}
         order = np.arange(len(ids))
-        for name, ranker, keep_n in (("light", light, self.light_n if main is not None else request.k),
-                                     ("rank", main, request.k)):  # fmt: skip
+        # The light ranker hands the main one its best light_n, but never fewer than the k asked for.
+        light_keep = max(self.light_n, request.k) if main is not None else request.k
+        for name, ranker, keep_n in (("light", light, light_keep), ("rank", main, request.k)):
             if ranker is None or not len(order):
                 continue
             item_idx = torch.from_numpy(ids[order])[None]

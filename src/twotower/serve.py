@@ -172,27 +172,41 @@ def create_app(
             requests.labels(name, str(status)).inc()
             latency.labels(name).observe(time.perf_counter() - start)
 
-    async def recommend_fast(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    async def recommend_fast(scope, receive, send, routed) -> None:  # type: ignore[no-untyped-def]
         """POST /recommend without FastAPI's per-request machinery (a dozen ASGI layers, JSON decoded
         by the stdlib then validated field by field): pydantic-core parses and validates the raw body
-        in one call. The route below stays declared, so the OpenAPI spec describes this endpoint."""
+        in one call. Only well-formed requests are answered here: anything else (another content
+        type, a body that does not validate, a request the model refuses) goes to the declared route
+        (``routed``), so errors are FastAPI's, byte for byte, and the OpenAPI spec describes them."""
         body, more = b"", True
         while more:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        status, payload = 200, b""
-        try:
-            request = RecommendRequest.model_validate_json(body)
-            current = holder.pipeline  # read once: a concurrent swap cannot split this request
-            payload = current.recommend(request).model_dump_json().encode()
-        except ValidationError as exc:
-            status, payload = 422, json.dumps({"detail": _errors(exc.errors(), prefix=("body",))}).encode()
-        except RequestError as exc:
-            status, payload = 422, json.dumps({"detail": str(exc)}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        content_type = dict(scope["headers"]).get(b"content-type", b"")
+        if content_type.split(b";")[0].strip().lower() == b"application/json":
+            try:
+                request = RecommendRequest.model_validate_json(body)
+                current = holder.pipeline  # read once: a concurrent swap cannot split this request
+                payload = current.recommend(request).model_dump_json().encode()
+            except (ValidationError, RequestError):
+                pass
+            else:
+                headers = [(b"content-type", b"application/json"),
+                           (b"content-length", str(len(payload)).encode())]  # fmt: skip
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": payload})
+                return
+        replayed = False
+
+        async def replay():  # type: ignore[no-untyped-def]
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # e.g. the client's disconnect
+
+        await routed(scope, replay, send)
 
     app.add_middleware(_Measure, measure=measure, fast={("POST", "/recommend"): recommend_fast})
 
@@ -267,7 +281,8 @@ def _errors(errors: list, prefix: tuple = ()) -> list[dict]:
 
 class _Measure:
     """ASGI middleware: ``measure(scope, receive, send, inner)`` around every HTTP request, with the
-    routes in ``fast`` ((method, path) -> ASGI handler) answered here instead of by the router."""
+    routes in ``fast`` ((method, path) -> handler(scope, receive, send, routed_app)) answered here
+    first; a handler passes what it does not answer on to the router."""
 
     def __init__(self, app, measure, fast=None) -> None:  # type: ignore[no-untyped-def]
         self.app, self.measure, self.fast = app, measure, fast or {}
@@ -277,9 +292,15 @@ class _Measure:
             await self.app(scope, receive, send)
             return
         handler = self.fast.get((scope["method"], scope["path"]))
-        if handler is not None:
-            scope["route"] = _FastRoute(scope["path"])  # named in the metrics like a routed request
-        await self.measure(scope, receive, send, handler or self.app)
+        if handler is None:
+            await self.measure(scope, receive, send, self.app)
+            return
+        scope["route"] = _FastRoute(scope["path"])  # named in the metrics like a routed request
+
+        async def fast(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+            await handler(scope, receive, send, self.app)
+
+        await self.measure(scope, receive, send, fast)
 
 
 class _FastRoute:
