@@ -113,3 +113,56 @@ def test_onnx_export_matches_pytorch(runs, tmp_path):
     assert report["max_abs_diff"] <= 1e-4
     assert report["inputs"][-3:] == ["history_ids", "history_valid", "history_recency"]
     assert (out / "query_tower.onnx").stat().st_size > 0
+
+
+def test_reexport_with_another_backend_leaves_nothing_of_the_old_one(runs, tmp_path):
+    out = export_run(runs["plain"], tmp_path / "exp", IndexConfig(backend="faiss-flat", threads=1))
+    assert (out / "index" / "index.faiss").exists()
+    export_run(runs["plain"], out, IndexConfig(backend="exact"))
+    assert not (out / "index" / "index.faiss").exists()  # replaced as a whole, not overwritten file by file
+    exported = load_export(out)
+    assert exported.manifest["index"]["backend"] == "exact" and exported.index.faiss_index is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_failed_export_keeps_the_previous_one_and_leaves_no_staging(runs, tmp_path):
+    out = export_run(runs["plain"], tmp_path / "exp")
+    before = (out / "manifest.json").read_bytes()
+    # 150 items cannot train 2**8 PQ centroids: the index build fails after most files are staged.
+    with pytest.raises(ValueError, match="only 150 items"):
+        export_run(runs["plain"], out, IndexConfig(backend="faiss-ivfpq"))
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    load_export(out)  # still whole
+
+
+def test_export_files_get_plain_umask_modes(runs, tmp_path):
+    import os
+
+    out = export_run(runs["plain"], tmp_path / "exp", IndexConfig(backend="faiss-flat", threads=1))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in [out, *out.rglob("*")]:  # not mkdtemp's / mkstemp's owner-only 0700 / 0600
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == want, path
+
+
+@pytest.mark.parametrize("name", ["index/index.faiss", "index/index.json", "seen.safetensors"])
+def test_a_missing_file_is_refused(runs, tmp_path, name):
+    out = export_run(runs["plain"], tmp_path / "exp", IndexConfig(backend="faiss-flat", threads=1))
+    (out / name).unlink()
+    with pytest.raises(ValueError, match=f"{name} is missing"):
+        load_export(out)
+
+
+def test_exported_index_answers_like_the_model_for_cosine(runs, tmp_path):
+    out = export_run(runs["plain"], tmp_path / "exp", IndexConfig(backend="faiss-flat", threads=1))
+    exported, model = load_export(out), Retriever.load(runs["plain"]).model
+    assert exported.similarity == "cosine" and exported.index.normalized
+    norms = exported.item_embeddings.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-5)
+    queries = model.user_embeddings(torch.arange(30)) / exported.temperature
+    want = queries @ model.item_embeddings().T
+    ids, scores = exported.index.search(queries, 5)
+    np.testing.assert_allclose(scores, torch.gather(want, 1, torch.from_numpy(ids)).numpy(), atol=1e-4)
+    np.testing.assert_allclose(scores, want.topk(5, dim=1).values.numpy(), atol=1e-4)

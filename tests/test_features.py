@@ -214,3 +214,56 @@ def test_transform_record_equals_transform_of_a_one_row_frame():
         encoder.transform_record({"age": "old"})
     with pytest.raises(ValueError, match="seg"):
         encoder.transform_record({"seg": ["a", "b"]})
+
+
+def test_mixed_type_ids_vocabulary_order_and_json_round_trip_with_oov() -> None:
+    # "7", "007" and 7 are three ids; 7.0 and np.int64(7) are the int 7; None and "" are missing.
+    column = pd.Series([7, "7", "007", "a", 7.0, np.int64(7), -3, 0.5, None, ""], dtype=object)
+    enc = FeatureEncoder([IdFeature(name="u")]).fit(pd.DataFrame({"u": column}))
+    assert enc.vocabulary("u") == [-3, 0.5, 7, "007", "7", "a"]  # numbers first, then strings
+    probe = pd.Series([*column.tolist(), "b", 8, 7.5, " 7", "a "], dtype=object)
+    want = [3, 5, 4, 6, 3, 3, 1, 2, 0, 0, 0, 0, 0, 0, 0]  # unseen values (incl. " 7", "a ") -> OOV 0
+    restored = FeatureEncoder.from_dict(json.loads(json.dumps(enc.to_dict())))
+    assert restored.vocabulary("u") == enc.vocabulary("u")
+    for encoder in (enc, restored):
+        assert encoder.transform(pd.DataFrame({"u": probe}))["u"].tolist() == want
+        assert [int(encoder.transform_record({"u": v})["u"]) for v in probe] == want
+
+
+def test_multi_hot_dedup_happens_before_max_len_truncation_in_cell_order() -> None:
+    enc = FeatureEncoder([MultiHotFeature(name="t", max_len=2)]).fit(pd.DataFrame({"t": ["a|b|c"]}))
+    cells = ["c|b|a", "a|a|b", "z|a|b", " b | a ", ["a", "", None, "a"], "|||", np.nan]
+    # a=2, b=3, c=4, OOV=1: the FIRST max_len distinct tokens of the cell, in the cell's order.
+    want = [[4, 3], [2, 3], [1, 2], [3, 2], [2, 0], [0, 0], [0, 0]]
+    assert enc.transform(pd.DataFrame({"t": cells}))["t"].tolist() == want
+    assert [enc.transform_record({"t": c})["t"][0].tolist() for c in cells[:-1]] == want[:-1]
+
+
+def test_numeric_all_missing_column_fits_identity_scaling() -> None:
+    enc = FeatureEncoder([NumericFeature(name="x")]).fit(pd.DataFrame({"x": [None, np.nan, " "]}))
+    assert enc.to_dict()["state"]["x"] == {"mean": 0.0, "std": 1.0}
+    assert enc.transform(pd.DataFrame({"x": [2.5, None]}))["x"].tolist() == [2.5, 0.0]
+
+
+def test_bucketized_heavy_ties_and_constant_column() -> None:
+    df = pd.DataFrame({"v": [1.0] * 50 + [2.0] * 30 + [3.0] * 20})
+    enc = FeatureEncoder([BucketizedFeature(name="v", num_buckets=5)]).fit(df)
+    # Quantiles 0.2/0.4/0.6/0.8 = 1, 1, 2, 2.2 (interpolated): the repeated cut point 1 is collapsed.
+    assert enc.to_dict()["state"]["v"]["boundaries"] == pytest.approx([1.0, 2.0, 2.2])
+    assert enc.fields()[0].cardinality == 5
+    probe = pd.DataFrame({"v": [0.5, 1.0, 2.0, 2.5, 3.0, None]})
+    assert enc.transform(probe)["v"].tolist() == [1, 2, 3, 4, 4, 0]  # boundaries[i-2] <= x < boundaries[i-1]
+    const = FeatureEncoder([BucketizedFeature(name="v", num_buckets=4)]).fit(pd.DataFrame({"v": [5.0] * 8}))
+    assert const.to_dict()["state"]["v"]["boundaries"] == [5.0]
+    assert const.transform(pd.DataFrame({"v": [4.0, 5.0, 6.0]}))["v"].tolist() == [1, 2, 2]
+
+
+def test_hashed_id_is_stable_through_json_and_matches_transform_record() -> None:
+    enc = FeatureEncoder([{"type": "hashed_id", "name": "u", "num_buckets": 7}]).fit(pd.DataFrame({"u": [1]}))
+    values = pd.Series([1, 1.0, np.int64(1), "1", "a", 2**70, None, ""], dtype=object)
+    restored = FeatureEncoder.from_dict(json.loads(json.dumps(enc.to_dict())))
+    got = enc.transform(pd.DataFrame({"u": values}))["u"].tolist()
+    assert got == restored.transform(pd.DataFrame({"u": values}))["u"].tolist()
+    assert got == [int(enc.transform_record({"u": v})["u"]) for v in values]
+    assert got[0] == got[1] == got[2] and got[6:] == [0, 0] and all(1 <= b <= 7 for b in got[:6])
+    assert enc.fields() == [FieldInfo("u", "categorical", 8, None)]

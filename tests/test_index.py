@@ -245,3 +245,96 @@ def test_load_refuses_an_l2_index(indexes, tmp_path):
     faiss.write_index(small, str(tmp_path / "index.faiss"))
     with pytest.raises(ValueError, match="holds 10 x 16"):
         ItemIndex.load(tmp_path, "cosine")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_k_beyond_the_catalogue_returns_every_item_then_padding(indexes, name):
+    ids, scores = indexes[name].search(QUERIES[:3], N + 5)
+    assert ids.shape == scores.shape == (3, N + 5)
+    np.testing.assert_array_equal(np.sort(ids[:, :N], axis=1), np.tile(np.arange(N), (3, 1)))
+    assert (ids[:, N:] == -1).all() and np.isneginf(scores[:, N:]).all()
+    assert np.isfinite(scores[:, :N]).all() and np.all(np.diff(scores[:, :N], axis=1) <= 1e-6)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_excluding_every_item_leaves_only_empty_slots(indexes, name):
+    # A batch (one row also lists ids past the catalogue) and a single query (the serving path).
+    for queries, exclude in [(QUERIES[:2], [np.arange(N), np.arange(N + 3)]), (QUERIES[:1], [np.arange(N)])]:
+        ids, scores = indexes[name].search(queries, K, exclude=exclude)
+        assert ids.shape == (len(queries), K) and (ids == -1).all() and np.isneginf(scores).all()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_an_id_repeated_in_exclude_counts_once(indexes, name):
+    # 700 copies of one id: counted as 700 exclusions it would send every row to the exact fallback
+    # (k + 700 > N / 4) and a FAISS row would be judged short; the answer must be that of one copy.
+    top, _ = _exact(K)
+    exclude = [np.repeat(top[q, :1], 700) for q in range(len(QUERIES))]
+    ids, scores = indexes[name].search(QUERIES, K, exclude=exclude)
+    assert not np.isin(ids[:, :1], top[:, :1]).any() and (ids >= 0).all()
+    _assert_matches(name, ids, scores, *_exact(K, exclude=[e[:1] for e in exclude]))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_an_empty_query_batch_gives_empty_results(indexes, name):
+    for exclude in (None, []):
+        ids, scores = indexes[name].search(np.zeros((0, DIM), np.float32), K, exclude=exclude)
+        assert ids.shape == scores.shape == (0, K) and ids.dtype == np.int64 and scores.dtype == np.float32
+
+
+def test_search_refuses_bad_arguments(indexes):
+    index = indexes["exact"]
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="k must be >= 1"):
+            index.search(QUERIES, k)
+    with pytest.raises(ValueError, match="exclude has 1 rows but there are 50 queries"):
+        index.search(QUERIES, K, exclude=[[1]])
+    with pytest.raises(ValueError, match="non-negative"):
+        index.search(QUERIES[:1], K, exclude=[[-1]])
+    with pytest.raises(ValueError, match=r"allowed ids must lie in \[0, 2000\)"):
+        index.search(QUERIES, K, allowed=[0, N])
+    with pytest.raises(ValueError, match=r"queries must be a 2-D float array \[n, 16\]"):
+        index.search(QUERIES[:, :8], K)
+
+
+def test_torch_inputs_are_accepted(indexes):
+    index = indexes["faiss-flat"]
+    exclude = [torch.tensor([int(i)]) for i in range(len(QUERIES))]
+    got = index.search(torch.from_numpy(QUERIES).double(), K, exclude=exclude)
+    want = index.search(QUERIES, K, exclude=[[int(i)] for i in range(len(QUERIES))])
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_ivfpq_on_a_small_catalogue_and_more_lists_than_items():
+    items = ITEMS[:300]  # the auto nlist stays within the items (~39 training points per list)
+    index = ItemIndex.build(items, IndexConfig(backend="faiss-ivfpq", threads=1), "cosine", queries=QUERIES)
+    assert index.params["nlist"] == 300 // 39 and index.build_report["recall_at_k"] >= 0.9
+    ids, scores = index.search(QUERIES, 310)
+    np.testing.assert_array_equal(np.sort(ids[:, :300], axis=1), np.tile(np.arange(300), (len(QUERIES), 1)))
+    assert (ids[:, 300:] == -1).all() and np.isneginf(scores[:, 300:]).all()
+    with pytest.raises(ValueError, match="nlist=301 exceeds the 300 items"):
+        ItemIndex.build(items, IndexConfig(backend="faiss-ivfpq", nlist=301, pq_bits=4, threads=1), "cosine")
+
+
+def test_load_refuses_vectors_that_disagree_with_the_metadata(indexes, tmp_path):
+    indexes["exact"].save(tmp_path)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    (tmp_path / "index.json").write_text(json.dumps({**meta, "n_items": N + 1}))
+    with pytest.raises(ValueError, match="disagree with index.json"):
+        ItemIndex.load(tmp_path, "cosine")
+    # A dot index over unnormalised vectors relabelled cosine: refused at load as at build.
+    ItemIndex.build(ITEMS * 2.0, IndexConfig(), "dot").save(tmp_path)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    assert meta["normalized"] is False
+    (tmp_path / "index.json").write_text(json.dumps({**meta, "similarity": "cosine"}))
+    with pytest.raises(ValueError, match="not unit-norm"):
+        ItemIndex.load(tmp_path, "cosine")
+
+
+def test_saving_over_another_backend_loads_the_new_one(indexes, tmp_path):
+    indexes["faiss-hnsw"].save(tmp_path)
+    indexes["exact"].save(tmp_path)  # the stale index.faiss is left, but index.json decides
+    loaded = ItemIndex.load(tmp_path, "cosine")
+    assert loaded.config.backend == "exact" and loaded.faiss_index is None
+    np.testing.assert_array_equal(loaded.search(QUERIES, K)[0], _exact(K)[0])

@@ -104,3 +104,41 @@ def test_selector_and_search_params_restrict_and_widen_a_search():
     assert ivf.nprobe == 3
     refined = faiss_search_params("faiss-ivfpq", {"nprobe": 3, "refine": 4}, 10, None)
     assert refined.k_factor == 4.0
+
+
+def test_norm_tolerance_is_the_documented_one():
+    items = _unit(4, 8)
+    assert check_normalized(items * (1 + 0.9e-3), "cosine")
+    with pytest.raises(ValueError, match="up to 0.0011"):
+        check_normalized(items * (1 + 1.1e-3), "cosine")
+
+
+def test_ivfpq_index_trains_and_searches_by_inner_product():
+    faiss = pytest.importorskip("faiss")
+    items = _unit(300, 8)
+    for refine in (0, 4):
+        config = IndexConfig(backend="faiss-ivfpq", nlist=4, nprobe=4, pq_bits=4, refine=refine, threads=1)
+        params = resolve_params(config, 300, 8)
+        index = build_faiss(items, params, config)
+        assert index.is_trained and index.ntotal == 300 and index.metric_type == faiss.METRIC_INNER_PRODUCT
+        check_faiss(index, items.shape, "faiss-ivfpq")
+        # every list probed: an item finds itself among the PQ candidates; refined with the exact
+        # vectors, its own (unit) vector is its best match and the score the exact inner product
+        dist, ids = index.search(items[:20], 5, params=faiss_search_params("faiss-ivfpq", params, 5, None))
+        if refine:
+            np.testing.assert_array_equal(ids[:, 0], np.arange(20))
+            np.testing.assert_allclose(dist[:, 0], 1.0, atol=1e-5)
+        else:
+            assert (ids == np.arange(20)[:, None]).any(axis=1).mean() >= 0.7
+
+
+def test_selector_with_no_allowed_ids_lets_nothing_through():
+    pytest.importorskip("faiss")
+    items = _unit(50, 8)
+    flat = build_faiss(items, {}, IndexConfig(backend="faiss-flat", threads=1))
+    selector = faiss_selector(np.zeros(0, np.int64), 50)
+    _, ids = flat.search(items[:3], 5, params=faiss_search_params("faiss-flat", {}, 5, selector))
+    assert (ids == -1).all()
+    selector = faiss_selector(np.array([49]), 50)  # the last id: the bitmap's last byte, bit 1
+    _, ids = flat.search(items[:3], 5, params=faiss_search_params("faiss-flat", {}, 5, selector))
+    assert (ids[:, 0] == 49).all() and (ids[:, 1:] == -1).all()

@@ -221,3 +221,107 @@ def test_click_flags_parse_and_a_bad_flag_names_row_and_column(tmp_path: Path) -
     bad = write(tmp_path / "bad.csv", "user_id,item_id,clk\n1,10,1\n1,11,maybe\n")
     err = raises_at(bad, cols, row=2, line=3, column="clk")
     assert "click flag" in str(err)
+
+
+def test_bom_crlf_quoted_separators_and_trailing_blank_lines(tmp_path: Path) -> None:
+    body = 'user_id,item_id,note\r\n"1","a,b","x, y"\r\n2,"c""d",z\r\n\r\n3,10,w\r\n\r\n\r\n'
+    path = tmp_path / "r.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    f = load_interactions(path).frame
+    assert f["user_id"].tolist() == [1, 2, 3] and f["user_id"].dtype == np.int64
+    assert f["item_id"].tolist() == ["a,b", 'c"d', "10"]  # one text id makes the column text
+    # The same layout with a bad cell: the BOM does not hide the header, CRLF and blank lines are counted.
+    path.write_bytes(b"\xef\xbb\xbf" + body.replace("3,10,w", "3,,w").encode())
+    raises_at(path, InteractionColumns(), row=3, line=5, column="item_id")
+
+
+def test_header_only_and_blank_only_files(tmp_path: Path) -> None:
+    for text in ("user_id,item_id,ts,rating,w\n", "user_id,item_id,ts,rating,w"):
+        loaded = load_interactions(write(tmp_path / "h.csv", text), ALL)
+        assert len(loaded.frame) == 0 and loaded.skipped == 0
+        assert loaded.frame.dtypes.astype(str).tolist() == ["int64", "int64", "int64", "float64", "float64"]
+    with pytest.raises(DataError, match="empty file"):
+        load_interactions(write(tmp_path / "b.csv", "\n\n"))
+    with pytest.raises(DataError, match="column 'w': column not found"):
+        load_interactions(write(tmp_path / "h2.csv", "user_id,item_id,ts,rating\n"), ALL)
+
+
+def test_mixed_and_very_large_ids_keep_their_identity(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "r.csv",
+        "user_id,item_id\n7,999999999999999999\n007,-999999999999999999\na,0\n",
+    )
+    f = load_interactions(path).frame
+    assert f["user_id"].tolist() == ["7", "007", "a"]  # "7" and "007" stay two users
+    assert f["item_id"].dtype == np.int64 and f["item_id"].tolist() == [10**18 - 1, -(10**18 - 1), 0]
+    # 19 digits may not fit int64; "-0" and "+5" are not canonical: all stay text, never merged.
+    path = write(tmp_path / "r2.csv", "user_id,item_id\n9223372036854775807,-0\n1,0\n2,+5\n")
+    f = load_interactions(path).frame
+    assert f["user_id"].tolist() == ["9223372036854775807", "1", "2"]
+    assert f["item_id"].tolist() == ["-0", "0", "+5"]
+
+
+def test_nan_and_infinite_ratings_are_bad_rows(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.csv", "user_id,item_id,r\n1,1,NaN\n2,2,-inf\n3,3, 4 \n4,4,NAN\n")
+    cols = InteractionColumns(rating="r")
+    assert raises_at(path, cols, row=1, line=2, column="r").reason == "missing rating"
+    loaded = load_interactions(path, cols, on_bad_rows="skip")
+    assert loaded.frame["rating"].tolist() == [4.0] and loaded.skipped == 3
+    reasons = [e.split(": ", 1)[1] for e in loaded.skipped_examples]
+    assert reasons == ["missing rating", "not a finite number: '-inf'", "not a number: 'NAN'"]
+
+
+def test_timestamps_epoch_numbers_and_iso_strings_in_one_column(tmp_path: Path) -> None:
+    cells = ["86400", "1970-01-02T00:00:00", "86400.9", "1970-01-02 00:00:00+01:00", "-1.5", " 5 ",
+             "1969-12-31T23:59:59.5Z", "1e9"]  # fmt: skip
+    path = write(tmp_path / "r.csv", "user_id,item_id,ts\n" + "".join(f"1,1,{c}\n" for c in cells))
+    f = load_interactions(path, InteractionColumns(timestamp="ts")).frame
+    # zone-less = UTC, +01:00 is an hour earlier, fractions are floored (also below zero).
+    assert f["timestamp"].tolist() == [86400, 86400, 86400, 82800, -2, 5, -1, 10**9]
+    path = write(tmp_path / "m.csv", "user_id,item_id,ts\n1,1,5\n2,2,NULL\n")
+    err = raises_at(path, InteractionColumns(timestamp="ts"), row=2, line=3, column="ts")
+    assert err.reason == "missing timestamp"
+
+
+def test_parquet_nullable_and_dictionary_columns(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "n.parquet"
+    pd.DataFrame(
+        {
+            "user_id": pd.array([1, None, 3], dtype="Int64"),
+            "item_id": pd.Categorical(["x", "y", "x"]),
+            "r": pd.array([4.5, 3.0, None], dtype="Float64"),
+            "t": pd.array([86400, 1, 2], dtype="Int64"),
+        }
+    ).to_parquet(path)
+    cols = InteractionColumns(rating="r", timestamp="t")
+    raises_at(path, cols, row=2, line=None, column="user_id")
+    loaded = load_interactions(path, cols, on_bad_rows="skip")
+    assert loaded.skipped == 2 and loaded.frame["user_id"].tolist() == [1]
+    assert loaded.frame.dtypes.astype(str).tolist() == ["int64", "str", "int64", "float64"]
+    assert (loaded.frame["item_id"].tolist(), loaded.frame["timestamp"].tolist()) == (["x"], [86400])
+    # Arrow dictionary-encoded columns and a millisecond timestamp before the epoch (floored).
+    table = pa.table(
+        {
+            "user_id": pa.array([5, 6]).dictionary_encode(),
+            "item_id": pa.array(["a", "b"]).dictionary_encode(),
+            "t": pa.array([86_400_500, -500], pa.timestamp("ms")),
+        }
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    f = load_interactions(tmp_path / "d.parquet", InteractionColumns(timestamp="t")).frame
+    assert f["user_id"].tolist() == [5, 6] and f["user_id"].dtype == np.int64
+    assert f["item_id"].tolist() == ["a", "b"] and f["timestamp"].tolist() == [86400, -1]
+
+
+def test_load_table_key_normalisation_edge_cases(tmp_path: Path) -> None:
+    table = load_table(write(tmp_path / "a.csv", "item_id,x\n7,1\n007,2\n"), "item_id")
+    assert table["item_id"].tolist() == ["7", "007"]  # distinct keys, as in the interactions
+    with pytest.raises(DataError, match=r"line 3 \(row 2\), column 'item_id': duplicate key 7"):
+        load_table(write(tmp_path / "b.csv", "item_id,x\n7,1\n 7 ,2\n"), "item_id")  # spaces stripped
+    with pytest.raises(DataError, match=r"line 2 \(row 1\), column 'item_id': missing key"):
+        load_table(write(tmp_path / "c.csv", "item_id,x\nNA,1\n"), "item_id")
+    empty = load_table(write(tmp_path / "d.csv", "item_id,x\n"), "item_id")
+    assert len(empty) == 0 and list(empty.columns) == ["item_id", "x"]

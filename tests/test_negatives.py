@@ -243,3 +243,102 @@ def test_accidental_hit_mask_against_brute_force():
     assert valid.tolist() == [[False, False, True], [False, True, False]]
     with pytest.raises(ValueError):
         accidental_hit_mask(torch.tensor([1, 1, 1]), torch.tensor([1]), csr)
+
+
+def _chi2(ids: torch.Tensor, probs: torch.Tensor) -> float:
+    observed = torch.bincount(ids, minlength=len(probs)).double()
+    expected = probs.double() * ids.numel()
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_popularity_follows_the_documented_power_of_counts(alpha):
+    # Counts over 4 decades; the zero count is floored at 1. assert_distribution checks the 0.999
+    # chi-square quantile (df = 9: ~28). The same draws must REJECT alpha +- 0.05: at 100k draws the
+    # expected chi-square of that mismatch is 230-1140, so the test has power against a wrong exponent.
+    counts = torch.tensor([0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000])
+    sampler = PopularitySampler(counts, alpha=alpha)
+
+    def probs(a: float) -> torch.Tensor:
+        w = counts.double().clamp_min(1.0) ** a
+        return w / w.sum()
+
+    torch.testing.assert_close(sampler.probs, probs(alpha), rtol=1e-12, atol=0)
+    ids = sampler.sample({}, 100_000, gen(11)).ids
+    assert_distribution(ids, probs(alpha))
+    for wrong in (alpha - 0.05, alpha + 0.05):
+        assert _chi2(ids, probs(wrong)) > 100, wrong
+
+
+def test_popularity_floors_zero_and_fractional_counts_at_one():
+    sampler = PopularitySampler(torch.tensor([0.0, 0.25, 1.0, 4.0]), alpha=0.5)
+    torch.testing.assert_close(sampler.probs, torch.tensor([1, 1, 1, 2], dtype=torch.float64) / 5)
+    assert torch.equal(PopularitySampler(torch.zeros(3)).probs, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_every_sampler_is_deterministic_under_a_seed():
+    counts = torch.tensor([5.0, 1.0, 0.0, 3.0, 2.0])
+    miner = HardNegativeMiner(num_users=2, num_items=5, k=4)
+    miner.refresh(
+        torch.tensor([[1.0], [-1.0]]),
+        torch.arange(5.0)[:, None],
+        (torch.tensor([0, 1, 1]), torch.tensor([4])),
+        0,
+    )
+    batch = {"user_idx": torch.tensor([0, 1, 0, 1] * 8), "item_idx": torch.tensor([1, 2, 3, 0] * 8)}
+    samplers = [
+        UniformSampler(5),
+        PopularitySampler(counts),
+        MixedSampler(PopularitySampler(counts), n_extra=3, frequency=CountFrequency(counts)),
+        ImpressionSampler.from_pairs(torch.tensor([0, 0, 0, 1, 1]), torch.tensor([1, 2, 3, 0, 4]), 2),
+        miner,
+    ]
+    for sampler in samplers:
+        a, b, c = (sampler.sample(batch, 16, gen(seed)) for seed in (3, 3, 4))
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.log_q, b.log_q), type(sampler).__name__
+        assert not torch.equal(a.ids, c.ids), type(sampler).__name__
+
+
+def test_accidental_hits_are_caught_for_every_sampler():
+    # A small catalogue makes hits frequent. For each sampler's candidates, no slot that is valid after
+    # the sampler's mask and accidental_hit_mask holds the row's positive or a known positive of its user.
+    g, num_users, num_items, batch_size = gen(9), 4, 6, 32
+    users = torch.randint(0, num_users, (batch_size,), generator=g)
+    known = CSR.from_pairs(torch.tensor([0, 0, 1, 2, 3, 3]), torch.tensor([0, 1, 2, 3, 4, 5]), num_users)
+    positives = torch.tensor([int(known.row(int(u))[0]) for u in users])  # each row's own positive
+    miner = HardNegativeMiner(num_users, num_items, k=3)
+    miner.refresh(torch.randn(num_users, 2, generator=g), torch.randn(num_items, 2, generator=g), known, 0)
+    samplers = [
+        UniformSampler(num_items),
+        PopularitySampler(torch.arange(num_items).double()),
+        MixedSampler(UniformSampler(num_items), n_extra=5, frequency=CountFrequency(torch.ones(num_items))),
+        ImpressionSampler.from_pairs(torch.arange(24) % num_users, torch.arange(24) % num_items, num_users),
+        miner,
+    ]
+    batch = {"user_idx": users, "item_idx": positives}
+    for sampler in samplers:
+        neg = sampler.sample(batch, 8, g)
+        ids = neg.ids.expand(batch_size, -1)
+        valid = accidental_hit_mask(positives, neg.ids, known, users)
+        if neg.mask is not None:
+            valid &= neg.mask
+        hits = [
+            [int(i) == int(p) or int(i) in known.row(int(u)).tolist() for i in row]
+            for row, p, u in zip(ids, positives, users, strict=True)
+        ]
+        assert not (valid & torch.tensor(hits)).any(), type(sampler).__name__
+        assert torch.tensor(hits).any() or isinstance(sampler, HardNegativeMiner), "no hits to catch"
+        if isinstance(sampler, HardNegativeMiner):  # mined lists exclude positives by construction
+            assert not (neg.mask & torch.tensor(hits)).any()
+
+
+def test_accidental_hit_mask_negative_ids_and_an_unsorted_tuple_csr():
+    # Row keys are row * width + item: a -1 candidate of row 1 would alias row 0's item width - 1 (5).
+    csr = CSR.from_pairs(torch.tensor([0, 1]), torch.tensor([5, 3]), 2)
+    valid = accidental_hit_mask(torch.tensor([9, 9]), torch.tensor([[5, 1], [-1, 3]]), csr)
+    assert valid.tolist() == [[False, True], [True, False]]
+    # (indptr, items) rows need be neither sorted nor de-duplicated.
+    valid = accidental_hit_mask(
+        torch.tensor([9]), torch.tensor([1, 2, 3, 4]), (torch.tensor([0, 4]), torch.tensor([3, 3, 1, 3]))
+    )
+    assert valid.tolist() == [[False, True, False, True]]

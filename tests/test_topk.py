@@ -115,3 +115,30 @@ def test_bad_arguments_raise():
         topk_items(torch.zeros(2, 3), torch.zeros(4, 3), k=0)
     with pytest.raises(ValueError):
         topk_items(torch.zeros(2, 3), torch.zeros(4, 3), k=1, exclude=CSR.from_pairs([], [], n_rows=3))
+
+
+def test_no_queries_and_mixed_dtypes():
+    ids, vals = topk_items(torch.zeros(0, 3), torch.randn(5, 3), k=3)
+    assert ids.shape == vals.shape == (0, 3) and ids.dtype == torch.long
+    ids, vals = topk_items(torch.ones(2, 3, dtype=torch.float64), torch.ones(5, 3), k=2)
+    assert vals.dtype == torch.float64 and ids.tolist() == [[0, 1], [0, 1]]
+
+
+def test_excluded_ids_past_the_catalogue_are_ignored():
+    items = torch.tensor([[3.0], [2.0], [1.0]])
+    exclude = CSR.from_pairs(torch.tensor([0, 0, 1]), torch.tensor([0, 50, 99]), n_rows=2)
+    ids, vals = topk_items(torch.ones(2, 1), items, k=3, exclude=exclude, item_chunk=2)
+    assert ids.tolist() == [[1, 2, -1], [0, 1, 2]]
+    assert vals[1].tolist() == [3.0, 2.0, 1.0]
+
+
+def test_every_item_excluded_gives_only_empty_slots():
+    exclude = CSR.from_pairs(torch.zeros(4, dtype=torch.long), torch.arange(4), n_rows=1)
+    ids, vals = topk_items(torch.ones(1, 2), torch.randn(4, 2), k=6, exclude=exclude, item_chunk=3)
+    assert ids.tolist() == [[-1] * 4] and torch.isneginf(vals).all()
+
+
+def test_genuine_minus_inf_scores_are_reported_empty():
+    items = torch.tensor([[1.0], [float("-inf")], [2.0]])
+    ids, vals = topk_items(torch.ones(1, 1), items, k=3)
+    assert ids.tolist() == [[2, 0, -1]] and vals[0, 2] == NEG_INF

@@ -72,3 +72,190 @@ def test_diverging_loss_is_reported(tmp_path, data):
 
     with pytest.raises(FloatingPointError, match="epoch 1"):
         fit(model, batches, cfg.train, tmp_path, progress=False)
+
+
+# --- fit() on a toy model: milliseconds per run, so the edge cases can each train several times --------
+
+
+class _Toy(torch.nn.Module):
+    """Linear regression behind dropout (the torch RNG matters) with a buffer updated every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+        self.drop = torch.nn.Dropout(0.5)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def compute_loss(self, batch):
+        self.seen += len(batch["x"])
+        return ((self.lin(self.drop(batch["x"])).squeeze(1) - batch["y"]) ** 2).mean()
+
+
+_X = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+_Y = _X @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+
+def _toy_batches(epoch):
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(epoch))
+    for i in range(0, 64, 16):
+        yield {"x": _X[perm[i : i + 16]], "y": _Y[perm[i : i + 16]]}
+
+
+def _toy(seed=0):
+    torch.manual_seed(seed)
+    return _Toy()
+
+
+def _scripted(model, values, snapshots=None):
+    """A validate callback returning the given metric values in turn (and snapshotting the weights)."""
+    values = iter(values)
+
+    def validate():
+        if snapshots is not None:
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"m": next(values)}
+
+    return validate
+
+
+def _toy_config(epochs, **kw):
+    from twotower.config import TrainConfig
+
+    return TrainConfig(epochs=epochs, batch_size=16, **kw)
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_early_stopping_returns_the_best_epochs_weights_not_the_last(tmp_path):
+    from twotower.train import fit
+
+    model, snaps = _toy(), []
+    cfg = _toy_config(8, early_stopping={"metric": "m", "patience": 2})
+    result = fit(
+        model, _toy_batches, cfg, tmp_path, _scripted(model, [0.1, 0.5, 0.3, 0.2, 0.9], snaps), False, False
+    )
+    assert (result.best_epoch, result.best_metric, result.epochs_run) == (2, 0.5, 4)
+    for key, value in model.state_dict().items():  # buffers too: the weights as validated after epoch 2
+        assert torch.equal(value, snaps[1][key]), key
+    assert not torch.equal(model.state_dict()["lin.weight"], snaps[3]["lin.weight"])
+
+
+def test_resume_with_early_stopping_matches_an_uninterrupted_run(tmp_path):
+    from twotower.train import fit
+
+    values = [0.1, 0.5, 0.3, 0.6, 0.2, 0.1, 0.0, 0.0]
+    cfg = _toy_config(8, early_stopping={"metric": "m", "patience": 3})
+    full = _toy()
+    want = fit(full, _toy_batches, cfg, tmp_path / "full", _scripted(full, values), progress=False)
+    cut = _toy()
+    fit(
+        cut,
+        _toy_batches,
+        cfg.model_copy(update={"epochs": 3}),
+        tmp_path / "cut",
+        _scripted(cut, values),
+        progress=False,
+    )
+    resumed = _toy(seed=123)  # other initial weights and RNG state: all of it must come from the checkpoint
+    got = fit(
+        resumed,
+        _toy_batches,
+        cfg,
+        tmp_path / "cut",
+        _scripted(resumed, values[3:]),
+        resume=True,
+        progress=False,
+    )
+    assert (got.best_epoch, got.best_metric, got.epochs_run) == (want.best_epoch, want.best_metric, 7)
+    assert want.epochs_run == 7 and [h["valid_m"] for h in got.history] == values[:7]
+    _assert_same_weights(full, resumed)
+
+
+def test_resume_after_a_crash_between_tensors_and_json_is_exact(tmp_path):
+    """A crash after epoch 3's tensors file is written but before last.json: resume redoes epoch 3."""
+    from twotower.train import fit
+
+    full = _toy()
+    fit(full, _toy_batches, _toy_config(4, optimizer="adagrad"), tmp_path / "full", progress=False)
+    run, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    fit(_toy(), _toy_batches, _toy_config(2, optimizer="adagrad"), run, progress=False)
+    committed = {p.name: p.read_bytes() for p in ckpt.iterdir()}  # last.json + last-epoch0002.safetensors
+    fit(_toy(), _toy_batches, _toy_config(3, optimizer="adagrad"), run, resume=True, progress=False)
+    for name, data in committed.items():  # on disk as the crash left it: epoch 3's tensors, epoch 2's JSON
+        (ckpt / name).write_bytes(data)
+    assert len(list(ckpt.iterdir())) == 3
+    resumed = _toy(seed=7)
+    result = fit(resumed, _toy_batches, _toy_config(4, optimizer="adagrad"), run, resume=True, progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    _assert_same_weights(full, resumed)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last-epoch0004.safetensors", "last.json"]
+
+
+def test_resuming_a_finished_run_trains_no_further(tmp_path):
+    from twotower.train import fit
+
+    done = _toy()
+    fit(done, _toy_batches, _toy_config(2), tmp_path, progress=False)
+    again = _toy(seed=5)
+    result = fit(again, _toy_batches, _toy_config(2), tmp_path, resume=True, progress=False)
+    assert result.epochs_run == 2 and [h["epoch"] for h in result.history] == [1, 2]
+    _assert_same_weights(done, again)
+
+
+def test_damaged_checkpoints_are_refused(tmp_path):
+    from safetensors import SafetensorError
+
+    from twotower.train import fit
+
+    fit(_toy(), _toy_batches, _toy_config(1), tmp_path, progress=False)
+    tensors, meta = (
+        tmp_path / "checkpoints" / "last-epoch0001.safetensors",
+        tmp_path / "checkpoints" / "last.json",
+    )
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SafetensorError):
+        fit(_toy(), _toy_batches, _toy_config(2), tmp_path, resume=True, progress=False)
+    tensors.unlink()
+    with pytest.raises(FileNotFoundError, match="last-epoch0001.safetensors"):
+        fit(_toy(), _toy_batches, _toy_config(2), tmp_path, resume=True, progress=False)
+    tensors.write_bytes(data)
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(json.JSONDecodeError):
+        fit(_toy(), _toy_batches, _toy_config(2), tmp_path, resume=True, progress=False)
+
+
+def test_resuming_into_another_architecture_is_refused(tmp_path):
+    from twotower.train import fit
+
+    fit(_toy(), _toy_batches, _toy_config(1), tmp_path, progress=False)
+    wider = _toy()
+    wider.lin = torch.nn.Linear(4, 2)
+    with pytest.raises(RuntimeError, match="size mismatch for lin.weight"):
+        fit(wider, _toy_batches, _toy_config(2), tmp_path, resume=True, progress=False)
+
+
+def test_unknown_early_stopping_metric_names_the_known_ones(tmp_path):
+    from twotower.train import fit
+
+    model = _toy()
+    cfg = _toy_config(3, early_stopping={"metric": "ndcg@10", "patience": 1})
+    with pytest.raises(KeyError, match="ndcg@10.*valid_m"):
+        fit(model, _toy_batches, cfg, tmp_path, _scripted(model, [0.1, 0.2, 0.3]), progress=False)
+
+
+def test_progress_prints_one_line_per_epoch_and_nothing_when_off(tmp_path, capsys):
+    from twotower.train import fit
+
+    model = _toy()
+    fit(model, _toy_batches, _toy_config(2), tmp_path / "on", _scripted(model, [0.25, 0.5]), progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2 and lines[1].startswith("epoch 2: loss=") and "valid_m=0.5" in lines[1]
+    fit(_toy(), _toy_batches, _toy_config(2), tmp_path / "off", progress=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
