@@ -1,6 +1,8 @@
 """Export: the exported query tower and item embeddings reproduce the trained model's scores exactly."""
 
 import json
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -166,3 +168,51 @@ def test_exported_index_answers_like_the_model_for_cosine(runs, tmp_path):
     ids, scores = exported.index.search(queries, 5)
     np.testing.assert_allclose(scores, torch.gather(want, 1, torch.from_numpy(ids)).numpy(), atol=1e-4)
     np.testing.assert_allclose(scores, want.topk(5, dim=1).values.numpy(), atol=1e-4)
+
+
+def test_export_refuses_the_run_directory_and_any_folder_holding_it(runs, tmp_path):
+    """An export replaces its destination as a whole: `--out RUN` (or RUN's parent) would delete the run."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["plain"], run)
+    for out in (run, tmp_path, run / ".." / "run"):
+        with pytest.raises(ValueError, match="run directory"):
+            export_run(run, out)
+    assert (run / "model.safetensors").exists() and (run / "checkpoints" / "last.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_export_refuses_to_replace_an_existing_path_that_is_not_an_export(runs, tmp_path):
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "other_model.safetensors").write_bytes(b"precious")
+    with pytest.raises(ValueError, match=f"{out}.*not an export"):
+        export_run(runs["plain"], out)
+    assert (out / "other_model.safetensors").read_bytes() == b"precious"
+    (out / "manifest.json").write_text(json.dumps({"format": "someone.else/1"}))
+    with pytest.raises(ValueError, match="not an export"):
+        export_run(runs["plain"], out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no staging left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    load_export(export_run(runs["plain"], empty))  # an empty directory holds nothing to lose
+
+
+def test_a_failed_final_rename_puts_the_previous_export_back(runs, tmp_path, monkeypatch):
+    """The old export is moved aside before the new one is renamed into place; if that rename fails
+    (ENOSPC, EIO, EXDEV...) the old one must come back, not linger hidden as .exp.old-<ns>."""
+    out = export_run(runs["plain"], tmp_path / "exp")
+    before = (out / "manifest.json").read_bytes()
+    real_rename = pathlib.Path.rename
+
+    def failing_rename(self, target):
+        if self.name.startswith(".exp.") and ".old-" not in self.name:  # the staging directory
+            raise OSError(28, "No space left on device")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="No space left"):
+        export_run(runs["plain"], out)
+    monkeypatch.undo()
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    load_export(out)

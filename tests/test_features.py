@@ -267,3 +267,31 @@ def test_hashed_id_is_stable_through_json_and_matches_transform_record() -> None
     assert got == [int(enc.transform_record({"u": v})["u"]) for v in values]
     assert got[0] == got[1] == got[2] and got[6:] == [0, 0] and all(1 <= b <= 7 for b in got[:6])
     assert enc.fields() == [FieldInfo("u", "categorical", 8, None)]
+
+
+def test_constant_numeric_column_of_large_magnitude_encodes_as_zero() -> None:
+    # The float mean of 1000 copies of 123456789.123 is off by ~3e-8, a std far above 0 in absolute
+    # terms: constancy is tested exactly, so the constant encodes as 0 and constant + 1 as 1.
+    enc = FeatureEncoder([NumericFeature(name="x")]).fit(pd.DataFrame({"x": [123456789.123] * 1000}))
+    assert enc.to_dict()["state"]["x"] == {"mean": 123456789.123, "std": 1.0}
+    out = enc.transform(pd.DataFrame({"x": [123456789.123, 123456790.123]}))["x"].tolist()
+    assert out == [0.0, 1.0]
+    spread = FeatureEncoder([NumericFeature(name="x")]).fit(pd.DataFrame({"x": [1e8, 1e8 + 2]}))
+    assert spread.to_dict()["state"]["x"] == {"mean": 1e8 + 1, "std": 1.0}  # a real spread is kept
+
+
+def test_from_dict_copies_the_callers_state() -> None:
+    enc = FeatureEncoder([IdFeature(name="u")]).fit(pd.DataFrame({"u": [1, 2]}))
+    data = enc.to_dict()
+    restored = FeatureEncoder.from_dict(data)
+    data["state"]["u"]["vocab"].append(3)  # the caller reuses its dict
+    assert restored.vocabulary("u") == [1, 2]
+    assert restored.fields()[0].cardinality == 3
+
+
+def test_transform_of_list_cells_in_a_categorical_raises_the_fit_error() -> None:
+    enc = FeatureEncoder([IdFeature(name="u")]).fit(pd.DataFrame({"u": ["a", "b"]}))
+    with pytest.raises(ValueError, match="feature 'u' \\(column 'u'\\) holds unhashable values"):
+        enc.transform(pd.DataFrame({"u": [["a"], "b"]}))
+    with pytest.raises(ValueError, match="holds unhashable values"):
+        FeatureEncoder([IdFeature(name="u")]).fit(pd.DataFrame({"u": [["a"], "b"]}))

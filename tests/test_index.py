@@ -282,6 +282,23 @@ def test_an_empty_query_batch_gives_empty_results(indexes, name):
         assert ids.shape == scores.shape == (0, K) and ids.dtype == np.int64 and scores.dtype == np.float32
 
 
+def test_a_huge_excluded_id_is_ignored_and_excludes_nothing_of_another_query():
+    """Ids past the catalogue are ignored, however large: a raw 64-bit id (2**62) once wrapped around
+    in CSR.from_pairs' int64 keys and excluded item 3 of query 1 instead (or crashed in bincount)."""
+    items = np.array([[0, 1], [0.6, 0.8], [-1, 0], [1, 0]], np.float32)
+    index = ItemIndex.build(items, IndexConfig(backend="exact"), "cosine")
+    queries = np.tile([[1.0, 0.0]], (5, 1))
+    want, _ = index.search(queries, 2)
+    got, _ = index.search(queries, 2, exclude=[[], [], [], [], [2**62]])
+    np.testing.assert_array_equal(got, want)
+    ones = np.ones((2, 2), np.float32)  # items 0 and 3 tie at 1 (the lower first), item 1 scores 1.4
+    for allowed in (None, [0, 3]):  # searched over all items, or a subset
+        ids, _ = index.search(ones, 1, exclude=[[1, 0], [1, 2**62]], allowed=allowed)
+        assert ids.tolist() == [[3], [0]]
+        ids, _ = index.search(ones, 1, exclude=[[1, 0], [1, 2**63 - 1]], allowed=allowed)
+        assert ids.tolist() == [[3], [0]]
+
+
 def test_search_refuses_bad_arguments(indexes):
     index = indexes["exact"]
     for k in (0, -1):

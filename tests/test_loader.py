@@ -325,3 +325,39 @@ def test_load_table_key_normalisation_edge_cases(tmp_path: Path) -> None:
         load_table(write(tmp_path / "c.csv", "item_id,x\nNA,1\n"), "item_id")
     empty = load_table(write(tmp_path / "d.csv", "item_id,x\n"), "item_id")
     assert len(empty) == 0 and list(empty.columns) == ["item_id", "x"]
+
+
+def test_parquet_categorical_id_column_with_one_distinct_value(tmp_path: Path) -> None:
+    # `.map` keeps a one-category categorical categorical; the loader judges it by its values.
+    path = tmp_path / "r.parquet"
+    pd.DataFrame({"user_id": pd.Categorical(["a", "a"]), "item_id": [1, 2]}).to_parquet(path)
+    assert load_interactions(path).frame["user_id"].tolist() == ["a", "a"]
+    pd.DataFrame({"user_id": pd.Categorical(["a", None, "a"]), "item_id": [1, 2, 3]}).to_parquet(path)
+    assert load_interactions(path, on_bad_rows="skip").frame["user_id"].tolist() == ["a", "a"]
+    pd.DataFrame({"item_id": pd.Categorical(["x"]), "v": [1]}).to_parquet(path)
+    assert load_table(path, "item_id")["item_id"].tolist() == ["x"]
+    pd.DataFrame({"item_id": pd.Categorical([7, 7]), "v": [1, 2]}).to_parquet(path)
+    assert load_interactions(path, InteractionColumns(user="v")).frame["item_id"].tolist() == [7, 7]
+
+
+def test_parquet_numeric_timestamps_are_parsed_with_timestamp_format(tmp_path: Path) -> None:
+    # The same yyyymmdd data in a CSV and in Parquet (int and whole float) gives the same seconds.
+    cols = InteractionColumns(timestamp="t", timestamp_format="%Y%m%d")
+    csv_path = write(tmp_path / "r.csv", "user_id,item_id,t\n1,1,20200101\n")
+    assert load_interactions(csv_path, cols).frame["timestamp"].tolist() == [1577836800]
+    pq_path = tmp_path / "r.parquet"
+    pd.DataFrame({"user_id": [1, 2], "item_id": [1, 2], "t": [20200101, 19700102]}).to_parquet(pq_path)
+    assert load_interactions(pq_path, cols).frame["timestamp"].tolist() == [1577836800, 86400]
+    pd.DataFrame({"user_id": [1, 2], "item_id": [1, 2], "t": [20200101.0, 20200101.5]}).to_parquet(pq_path)
+    err = raises_at(pq_path, cols, row=2, line=None, column="t")
+    assert err.reason == "unparsable timestamp: 20200101.5 (expected format '%Y%m%d')"
+    assert load_interactions(pq_path, cols, on_bad_rows="skip").frame["timestamp"].tolist() == [1577836800]
+
+
+def test_parquet_uint64_ids_beyond_int64_keep_their_identity(tmp_path: Path) -> None:
+    path = tmp_path / "r.parquet"
+    pd.DataFrame({"user_id": np.array([2**64 - 1, 1], dtype=np.uint64), "item_id": [1, 2]}).to_parquet(path)
+    assert load_interactions(path).frame["user_id"].tolist() == ["18446744073709551615", "1"]
+    pd.DataFrame({"user_id": np.array([2**63 - 1, 1], dtype=np.uint64), "item_id": [1, 2]}).to_parquet(path)
+    f = load_interactions(path).frame
+    assert f["user_id"].dtype == np.int64 and f["user_id"].tolist() == [2**63 - 1, 1]

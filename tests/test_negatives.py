@@ -342,3 +342,31 @@ def test_accidental_hit_mask_negative_ids_and_an_unsorted_tuple_csr():
         torch.tensor([9]), torch.tensor([1, 2, 3, 4]), (torch.tensor([0, 4]), torch.tensor([3, 3, 1, 3]))
     )
     assert valid.tolist() == [[False, True, False, True]]
+
+
+def test_popularity_sampler_draws_zero_and_mixed_sampler_works_without_extras():
+    counts = torch.tensor([3.0, 1.0, 0.0, 4.0])
+    neg = PopularitySampler(counts).sample({}, 0)
+    assert neg.ids.shape == (0,) and neg.ids.dtype == torch.long and neg.log_q.shape == (0,)
+    mixed = MixedSampler(PopularitySampler(counts), n_extra=0, frequency=CountFrequency(counts))
+    neg = mixed.candidates(torch.tensor([0, 3]))  # documented: with B' = 0, q = p_batch
+    assert neg.ids.tolist() == [0, 3]
+    torch.testing.assert_close(neg.log_q, torch.log(torch.tensor([3 / 8, 4 / 8], dtype=torch.float64)))
+
+
+def test_accidental_hit_mask_with_no_candidates_is_empty():
+    csr = CSR.from_pairs(torch.tensor([0]), torch.tensor([1]), 1)
+    valid = accidental_hit_mask(torch.tensor([1]), torch.zeros(1, 0, dtype=torch.long), csr)
+    assert valid.shape == (1, 0) and valid.dtype == torch.bool
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_popularity_sampler_rejects_non_finite_counts(bad):
+    with pytest.raises(ValueError, match="finite"):
+        PopularitySampler(torch.tensor([bad, 1.0]))
+
+
+def test_popularity_sampler_large_alpha_stays_finite():
+    sampler = PopularitySampler(torch.tensor([1e4, 1.0]), alpha=100.0)  # 1e4**100 overflows float64
+    torch.testing.assert_close(sampler.probs, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert sampler.sample({}, 5, gen(0)).ids.tolist() == [0] * 5

@@ -108,6 +108,16 @@ def test_csr_from_pairs_sorts_and_dedups():
         CSR.from_pairs(torch.tensor([4]), torch.tensor([0]), n_rows=4)
 
 
+def test_csr_from_pairs_keeps_a_huge_column_in_its_own_row():
+    """rows * (max_col + 1) + cols would wrap past 2**63: (4, 2**62) must not become (1, 3)."""
+    csr = CSR.from_pairs(torch.tensor([4]), torch.tensor([2**62]), n_rows=5)
+    assert csr.row(4).tolist() == [2**62] and csr.row(1).numel() == 0
+    big = 2**63 - 1  # the largest int64: even max_col + 1 overflows
+    csr = CSR.from_pairs(torch.tensor([2, 0, 2, 2, 0, 1]), torch.tensor([big, 3, 1, big, 3, 2**62]), n_rows=3)
+    assert csr.indptr.tolist() == [0, 1, 2, 4]  # sorted and de-duplicated as on the fast path
+    assert csr.indices.tolist() == [3, 2**62, 1, big]
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError):
         topk_items(torch.zeros(2, 3), torch.zeros(4, 2), k=1)

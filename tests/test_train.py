@@ -207,9 +207,7 @@ def test_resuming_a_finished_run_trains_no_further(tmp_path):
     _assert_same_weights(done, again)
 
 
-def test_damaged_checkpoints_are_refused(tmp_path):
-    from safetensors import SafetensorError
-
+def test_damaged_checkpoints_are_refused_naming_the_file(tmp_path):
     from twotower.train import fit
 
     fit(_toy(), _toy_batches, _toy_config(1), tmp_path, progress=False)
@@ -219,15 +217,61 @@ def test_damaged_checkpoints_are_refused(tmp_path):
     )
     data = tensors.read_bytes()
     tensors.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SafetensorError):
+    with pytest.raises(ValueError, match=r"checkpoint .*last-epoch0001\.safetensors is unreadable"):
         fit(_toy(), _toy_batches, _toy_config(2), tmp_path, resume=True, progress=False)
     tensors.unlink()
     with pytest.raises(FileNotFoundError, match="last-epoch0001.safetensors"):
         fit(_toy(), _toy_batches, _toy_config(2), tmp_path, resume=True, progress=False)
     tensors.write_bytes(data)
     meta.write_text(meta.read_text()[:40])
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(ValueError, match=r"checkpoint .*last\.json is unreadable .*train without resume"):
         fit(_toy(), _toy_batches, _toy_config(2), tmp_path, resume=True, progress=False)
+
+
+def test_resume_uses_the_configured_learning_rate_not_the_checkpoints(tmp_path):
+    from twotower.train import fit
+
+    fit(_toy(), _toy_batches, _toy_config(1, lr=0.01, weight_decay=0.1), tmp_path, progress=False)
+    changed = _toy_config(2, lr=0.002, weight_decay=0.0)
+    fit(_toy(), _toy_batches, changed, tmp_path, resume=True, progress=False)
+    groups = json.loads((tmp_path / "checkpoints" / "last.json").read_text())["optimizer"]["param_groups"]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.002, 0.0)]
+
+
+def test_a_nan_validation_metric_is_never_the_best_and_does_not_freeze_early_stopping(tmp_path):
+    """compute_metrics gives NaN when no user can be evaluated; `value > nan` is always False, so a
+    NaN taken as the best would stop training at patience and restore that epoch's weights."""
+    from twotower.train import fit
+
+    model, snaps = _toy(), []
+    cfg = _toy_config(5, early_stopping={"metric": "m", "patience": 2})
+    values = [float("nan"), 0.5, 0.6, 0.7, 0.8]
+    result = fit(model, _toy_batches, cfg, tmp_path, _scripted(model, values, snaps), progress=False)
+    assert (result.best_epoch, result.best_metric, result.epochs_run) == (5, 0.8, 5)
+    for key, value in model.state_dict().items():  # epoch 5's weights, not epoch 1's
+        assert torch.equal(value, snaps[4][key]), key
+
+
+def test_a_nan_best_metric_in_a_checkpoint_gives_way_to_the_first_finite_value(tmp_path):
+    from twotower.train import fit
+
+    cfg = _toy_config(1, early_stopping={"metric": "m", "patience": 2})
+    fit(_toy(), _toy_batches, cfg, tmp_path, _scripted(None, [0.1]), progress=False)
+    meta = tmp_path / "checkpoints" / "last.json"  # as an older version could have saved it:
+    meta.write_text(meta.read_text().replace('"best_metric": 0.1', '"best_metric": NaN'))
+    more = cfg.model_copy(update={"epochs": 2})
+    result = fit(_toy(), _toy_batches, more, tmp_path, _scripted(None, [0.05]), resume=True, progress=False)
+    assert (result.best_epoch, result.best_metric, result.epochs_run) == (2, 0.05, 2)
+
+
+def test_epochs_with_a_nan_validation_metric_count_towards_patience(tmp_path):
+    from twotower.train import fit
+
+    model = _toy()
+    cfg = _toy_config(8, early_stopping={"metric": "m", "patience": 2})
+    nan = float("nan")
+    result = fit(model, _toy_batches, cfg, tmp_path, _scripted(model, [0.3, nan, 0.2, 0.9]), progress=False)
+    assert (result.best_epoch, result.best_metric, result.epochs_run) == (1, 0.3, 3)
 
 
 def test_resuming_into_another_architecture_is_refused(tmp_path):

@@ -15,8 +15,10 @@
     query_tower.onnx         optional, checked against PyTorch at export
 
 The directory is assembled beside its destination and renamed into place, so a reader (e.g. a
-server swapping models) never sees half an export. ``load_export`` verifies the format, the hashes
-and that the index metric is the training similarity before anything is used.
+server swapping models) never sees half an export; if that fails, the previous export stays. Since
+the destination is replaced as a whole, it must be a previous export, an empty directory or new: the
+run directory, a folder holding it, or any other existing path is refused. ``load_export`` verifies
+the format, the hashes and that the index metric is the training similarity before anything is used.
 """
 
 from __future__ import annotations
@@ -52,9 +54,14 @@ log = logging.getLogger("twotower")
 def export_run(
     run_dir: str | Path, out: str | Path | None = None, index: IndexConfig | None = None, onnx: bool = False
 ) -> Path:
-    """Export the trained run in ``run_dir``; returns the export directory."""
+    """Export the trained run in ``run_dir`` to ``out`` (default ``run_dir/export``); returns ``out``.
+
+    Raises ValueError, before any work, when ``out`` is not a path an export may replace (see the
+    module docstring).
+    """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "export"
+    _check_destination(run_dir, out)
     retriever = Retriever.load(run_dir)
     model, config = retriever.model, retriever.config
     meta = read_json(run_dir / "model.json")
@@ -255,12 +262,44 @@ def _hashes(root: Path) -> dict[str, str]:
     return out
 
 
+def _is_export(path: Path) -> bool:
+    try:
+        manifest = read_json(path / "manifest.json")
+    except (OSError, ValueError):  # missing, unreadable or not JSON
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == EXPORT_FORMAT
+
+
+def _check_destination(run_dir: Path, out: Path) -> None:
+    """Refuse an ``out`` whose replacement (``_replace_dir`` deletes what was there) would delete
+    anything but a previous export or an empty directory: above all the run being exported."""
+    run, target = run_dir.resolve(), out.resolve()
+    if target == run or target in run.parents:
+        raise ValueError(
+            f"cannot export to {out}: it is the run directory {run_dir} or holds it, and an export "
+            "replaces its destination as a whole; choose another --out"
+        )
+    empty_dir = out.is_dir() and not any(out.iterdir())
+    if (out.exists() or out.is_symlink()) and not empty_dir and not _is_export(out):
+        raise ValueError(
+            f"cannot export to {out}: it exists and is not an export (no manifest.json of format "
+            f"{EXPORT_FORMAT!r}), and an export replaces its destination as a whole; remove it or "
+            "choose another --out"
+        )
+
+
 def _replace_dir(staging: Path, out: Path) -> None:
-    """Move ``staging`` to ``out``; an existing ``out`` is swapped away first and then deleted."""
+    """Move ``staging`` to ``out``; an existing ``out`` is swapped away first and deleted once the new
+    one is in place. If that final rename fails, the old ``out`` is moved back before re-raising."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{time.time_ns()}")
         out.rename(old)
-    staging.rename(out)
+    try:
+        staging.rename(out)
+    except BaseException:
+        if old is not None:  # or the previous export would be lost, hidden as .NAME.old-*
+            old.rename(out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

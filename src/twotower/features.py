@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Self
 
 import numpy as np
@@ -161,7 +161,7 @@ class FeatureEncoder:
                 continue
             series = self._column(df, spec)
             if isinstance(spec, IdFeature | CategoricalFeature):
-                state[spec.name] = {"vocab": _vocab(self._count_checked(series, spec), spec.min_count)}
+                state[spec.name] = {"vocab": _vocab(self._hashable(spec, _count, series), spec.min_count)}
             elif isinstance(spec, MultiHotFeature):
                 counts: Counter = Counter()
                 for cell in series.tolist():
@@ -172,8 +172,13 @@ class FeatureEncoder:
                 present = values[~np.isnan(values)]
                 mean = float(present.mean()) if present.size else 0.0
                 std = float(present.std()) if present.size else 1.0
-                # A constant column would divide by zero; scaling by 1 keeps it a harmless constant 0.
-                state[spec.name] = {"mean": mean, "std": std if std > 1e-12 else 1.0}
+                # A constant column would divide by zero; scaling by 1 keeps it a harmless constant 0. Test
+                # it exactly: the float mean of n copies of a large value is off by rounding, so the std is
+                # tiny but not 0 (and would blow a difference of 1 up to millions). A near-constant column
+                # (a spread at rounding level, relative to the magnitude) is scaled by 1 as well.
+                if present.size and present.max() == present.min():
+                    mean, std = float(present[0]), 1.0
+                state[spec.name] = {"mean": mean, "std": std if std > 1e-12 * max(abs(mean), 1.0) else 1.0}
             else:
                 state[spec.name] = {"boundaries": self._fit_boundaries(series, spec)}
         self._state = state
@@ -212,7 +217,7 @@ class FeatureEncoder:
             series = self._column(df, spec)
             state = self._state[spec.name]
             if isinstance(spec, IdFeature | CategoricalFeature):
-                codes, uniques = pd.factorize(series, use_na_sentinel=True)
+                codes, uniques = self._hashable(spec, pd.factorize, series)
                 index = self._index[spec.name]
                 # The extra trailing 0 is where code -1 (missing) lands.
                 lut = np.array([index.get(_canon(u), 0) for u in uniques] + [0], dtype=np.int64)
@@ -355,7 +360,8 @@ class FeatureEncoder:
         missing = [n for n in encoder.names if n not in state]
         if missing:
             raise ValueError(f"feature-encoder state lacks the fitted state of {missing}")
-        encoder._state = {n: dict(state[n]) for n in encoder.names}
+        # A deep copy: the caller's dict (its vocabulary lists) must not alias the encoder's state.
+        encoder._state = {n: copy.deepcopy(state[n]) for n in encoder.names}
         encoder._rebuild_index()
         return encoder
 
@@ -371,10 +377,11 @@ class FeatureEncoder:
         return df[spec.column]
 
     @staticmethod
-    def _count_checked(series: pd.Series, spec: FeatureSpec) -> Counter:
+    def _hashable(spec: FeatureSpec, fn: Callable[[pd.Series], Any], series: pd.Series) -> Any:
+        """``fn(series)``; unhashable cells (lists in a categorical column) become a clear ValueError."""
         try:
-            return _count(series)
-        except TypeError as exc:  # unhashable cells such as lists in a categorical column
+            return fn(series)
+        except TypeError as exc:
             raise ValueError(
                 f"feature {spec.name!r} (column {spec.column!r}) holds unhashable values; "
                 "use a multi_hot feature for list-valued cells"

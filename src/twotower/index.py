@@ -126,8 +126,9 @@ class ItemIndex:
     def search(self, queries: Any, k: int, exclude: Any = None, allowed: Any = None
                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Top-k ``(ids int64 [Q, k], scores float32 [Q, k])`` by inner product, descending; empty
-        slots are (-1, -inf). ``exclude``: a CSR or list of id arrays, one per query; ``allowed``: the
-        only item ids that may appear (the same for every query)."""
+        slots are (-1, -inf). ``exclude``: a CSR or list of id arrays, one per query (ids past the
+        catalogue are ignored, negative ones refused); ``allowed``: the only item ids that may appear
+        (the same for every query)."""
         queries = as_matrix(queries, "queries", self.dim)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -160,7 +161,9 @@ class ItemIndex:
                 pos = np.minimum(np.searchsorted(allowed, cols), len(allowed) - 1)
                 hit = allowed[pos] == cols
                 rows, cols = rows[hit], pos[hit]
-            # topk_items ignores ids past the catalogue, as documented there.
+            else:  # ids past the catalogue are ignored; dropped here, they cannot inflate the CSR either
+                inside = cols < self.n_items
+                rows, cols = rows[inside], cols[inside]
             csr = CSR.from_pairs(torch.from_numpy(rows), torch.from_numpy(cols), len(queries))
         top_ids, top_scores = topk_items(torch.from_numpy(queries), items, k, exclude=csr)
         ids[:, : top_ids.shape[1]], scores[:, : top_ids.shape[1]] = top_ids.numpy(), top_scores.numpy()

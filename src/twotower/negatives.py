@@ -76,7 +76,7 @@ def _is_member(indptr: Tensor, items: Tensor, users: Tensor, candidates: Tensor)
     start = indptr[users]
     lengths = indptr[users + 1] - start
     row = torch.repeat_interleave(torch.arange(len(users), device=device), lengths)
-    if row.numel() == 0:
+    if row.numel() == 0 or candidates.numel() == 0:  # nothing to look up (and .max() needs elements)
         return torch.zeros_like(candidates, dtype=torch.bool)
     offsets = torch.cumsum(lengths, 0) - lengths
     flat = start[row] + torch.arange(len(row), device=device) - offsets[row]
@@ -146,8 +146,9 @@ class PopularitySampler(nn.Module):
 
     ``c_i = max(counts[i], 1)``: an item with no training count is counted once (as ``CountFrequency``
     does), so every item can be drawn and log Q stays finite. alpha = 1 is the unigram distribution,
-    0.75 the word2vec smoothing, 0 the uniform distribution. Draws use ``torch.multinomial`` up to its
-    2**24-category limit and inverse-CDF sampling (``searchsorted``) above it.
+    0.75 the word2vec smoothing, 0 the uniform distribution. Counts must be finite. Draws use
+    ``torch.multinomial`` up to its 2**24-category limit and inverse-CDF sampling (``searchsorted``)
+    above it.
     """
 
     MULTINOMIAL_MAX = 2**24
@@ -155,13 +156,13 @@ class PopularitySampler(nn.Module):
     def __init__(self, counts: Tensor, alpha: float = 0.75) -> None:
         super().__init__()
         counts = torch.as_tensor(counts, dtype=torch.float64)
-        if counts.dim() != 1 or counts.numel() == 0 or bool((counts < 0).any()):
-            raise ValueError("counts must be a non-empty 1-D tensor of non-negative values")
+        if counts.dim() != 1 or counts.numel() == 0 or not bool(((counts >= 0) & counts.isfinite()).all()):
+            raise ValueError("counts must be a non-empty 1-D tensor of finite, non-negative values")
         if not (math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
         self.alpha = alpha
-        weights = counts.clamp_min(1.0) ** alpha
-        self.register_buffer("probs", weights / weights.sum())
+        # c^alpha / sum c^alpha as a softmax of alpha * log c: c^alpha itself overflows for a large alpha.
+        self.register_buffer("probs", torch.softmax(alpha * torch.log(counts.clamp_min(1.0)), 0))
         self.register_buffer("cdf", torch.cumsum(self.probs, 0), persistent=False)
 
     @property
@@ -169,7 +170,9 @@ class PopularitySampler(nn.Module):
         return len(self.probs)
 
     def sample(self, batch: dict[str, Tensor], n: int, generator: torch.Generator | None = None) -> Negatives:
-        if self.num_items <= self.MULTINOMIAL_MAX:
+        if n == 0:  # torch.multinomial refuses 0 draws; MixedSampler asks for none when n_extra = 0
+            ids = torch.zeros(0, dtype=torch.long, device=self.probs.device)
+        elif self.num_items <= self.MULTINOMIAL_MAX:
             ids = torch.multinomial(self.probs, n, replacement=True, generator=generator)
         else:
             u = torch.rand(n, generator=generator, dtype=torch.float64, device=self.cdf.device)

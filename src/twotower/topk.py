@@ -76,7 +76,7 @@ class CSR:
 
         Args:
             rows: integer tensor [n] with values in ``[0, n_rows)``.
-            cols: non-negative integer tensor [n].
+            cols: non-negative integer tensor [n], any int64 value (a huge one costs a slower path).
             n_rows: number of rows; rows without pairs are empty.
         """
         rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
@@ -89,10 +89,16 @@ class CSR:
             raise ValueError("column indices must be non-negative")
         # One int64 key per pair, row-major: sorting and de-duplicating the keys sorts rows and the
         # columns inside each row in a single vectorised pass. n_rows x width stays far below 2**63
-        # for any realistic catalogue (1e6 x 1e6 = 1e12).
+        # for any realistic catalogue (1e6 x 1e6 = 1e12), but not for a stray huge column (a raw
+        # 64-bit id): its key would wrap around into another row's, so such inputs take the slower
+        # lexicographic unique over (row, col) pairs instead.
         width = int(cols.max()) + 1 if cols.numel() else 1
-        keys = torch.unique(rows * width + cols, sorted=True)
-        rows, cols = keys // width, keys % width
+        if n_rows * width < 2**63:
+            keys = torch.unique(rows * width + cols, sorted=True)
+            rows, cols = keys // width, keys % width
+        else:
+            rows, cols = torch.unique(torch.stack([rows, cols], dim=1), dim=0, sorted=True).unbind(1)
+            cols = cols.contiguous()  # a column of the [n, 2] pairs is a strided view
         counts = torch.bincount(rows, minlength=n_rows)
         indptr = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
         indptr[1:] = torch.cumsum(counts, dim=0)

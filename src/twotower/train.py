@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -79,7 +80,9 @@ def fit(
     """Train ``model`` in place; on return it holds the best weights when early stopping is on.
 
     With several processes every rank calls ``fit`` with the same arguments (``validate`` is only
-    called on rank 0) and gets the same result.
+    called on rank 0) and gets the same result. With ``resume`` it continues from the last checkpoint
+    in ``run_dir`` (if any), with the configured lr and weight decay. An epoch whose validation metric
+    is not finite (NaN: no user could be evaluated) never counts as an improvement.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -99,6 +102,11 @@ def fit(
     }
     if resume and (ckpt_dir / "last.json").exists():
         state = load_checkpoint(ckpt_dir / "last", model, optimizer, seed=config.seed)
+        # load_state_dict put the checkpoint's lr / weight decay back into the param groups. This loop
+        # has no schedule that changes them, so they can only differ from the config when the config
+        # was changed for the resumed run: the configured values win (unchanged config: a no-op).
+        for group in optimizer.param_groups:
+            group.update(lr=config.lr, weight_decay=config.weight_decay)
         if main:
             log.info("resumed from %s at epoch %d", ckpt_dir, state["epoch"])
     elif not main:
@@ -189,13 +197,23 @@ def _update_early_stopping(
     model: nn.Module,
     ckpt_dir: Path,
 ) -> None:
+    """Record ``record``'s validation ``metric`` (higher is better) in ``state``: a finite improvement
+    saves the weights as the best; otherwise a bad epoch is counted, and ``patience`` of them stop."""
     key = f"valid_{metric}"
     if key not in record:
         raise KeyError(
             f"early stopping metric {metric!r} is not among the validation metrics {sorted(record)}"
         )
-    value = float(record[key])
-    if state["best_metric"] is None or value > state["best_metric"]:
+    value, best = float(record[key]), state["best_metric"]
+    # A non-finite value (compute_metrics gives NaN when no user can be evaluated) is never an
+    # improvement, and a non-finite best (one saved by an older version) gives way to the first finite
+    # value: `value > nan` is always False, so a NaN best would otherwise win every comparison.
+    if not math.isfinite(value):
+        log.warning("epoch %d: validation %s is %s, not an improvement", record["epoch"], metric, value)
+        improved = False
+    else:
+        improved = best is None or not math.isfinite(best) or value > best
+    if improved:
         state.update(best_metric=value, best_epoch=record["epoch"], bad_epochs=0)
         save_tensors(ckpt_dir / "best.safetensors", model.state_dict())
     else:
@@ -248,9 +266,12 @@ def save_checkpoint(prefix: Path, model: nn.Module, optimizer: torch.optim.Optim
 def load_checkpoint(
     prefix: Path, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int = 0
 ) -> dict[str, Any]:
-    """Load weights, optimizer state and this rank's RNG state; returns the training state (JSON)."""
-    meta = read_json(prefix.with_suffix(".json"))
-    tensors = load_tensors(prefix.parent / meta.pop("tensors"))
+    """Load weights, optimizer state and this rank's RNG state; returns the training state (JSON).
+
+    A damaged (e.g. truncated) ``prefix.json`` or tensors file raises a ValueError naming it.
+    """
+    meta = _read_checkpoint_file(prefix.with_suffix(".json"), read_json)
+    tensors = _read_checkpoint_file(prefix.parent / meta.pop("tensors"), load_tensors)
     meta.pop("world_size", None)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
@@ -266,6 +287,18 @@ def load_checkpoint(
     if device.type == "cuda" and f"rng.cuda.rank{rank}" in tensors:
         torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{rank}"], device)
     return meta
+
+
+def _read_checkpoint_file(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, with a damaged file's bare parser error (JSONDecodeError, SafetensorError:
+    neither says which file) turned into one that names the file and the way out. OS errors (a
+    missing file, no permission) name the file already and pass through unchanged."""
+    try:
+        return read(path)
+    except (ValueError, SafetensorError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({err}); delete {path.parent} or train without resume"
+        ) from err
 
 
 def _rng_states(model: nn.Module) -> dict[str, Tensor]:

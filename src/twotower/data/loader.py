@@ -7,25 +7,28 @@ found without guessing.
 Conventions:
 
 - **Formats** by suffix: ``.csv`` (``,``), ``.tsv`` (``\\t``), ``.txt`` (separator sniffed from the
-  header unless given), ``.parquet``/``.pq``. Text files must have a header row. Blank lines are not
-  data rows and are ignored.
+  header unless given), ``.parquet``/``.pq``. Text files must be UTF-8 and have a header row, in which
+  a configured column may appear only once. Blank lines (empty or only spaces/tabs) are not data rows
+  and are ignored. A row with more fields than the header is bad unless the extra fields are all blank
+  (trailing separators); see `twotower.data.csv_records`.
 - **Ids** keep their identity: in text files a column whose every value is a canonical integer literal
   (``12``, ``-3``; not ``007``, which would silently merge with ``7``) becomes int64; in Parquet an
   integer column (or a float column holding only whole numbers, which is what a nullable integer
-  column becomes in pandas) becomes int64. Anything else becomes ``str``. Surrounding spaces are
-  stripped from text ids.
+  column becomes in pandas) becomes int64, unless it holds unsigned values beyond the int64 range;
+  a categorical (dictionary) column is judged by its values. Anything else becomes ``str``.
+  Surrounding spaces are stripped from text ids.
 - **Missing** means NaN/None or, in text, an empty cell or one of ``nan NaN NA N/A NULL null None``.
   A configured column that is missing in a row makes that row bad (ids, rating, weight, timestamp).
 - **Timestamps** become int64 Unix seconds. With ``timestamp_format=None`` a bare number is Unix seconds
-  (a fraction is floored) and anything else must be ISO-8601; zone-less times are taken as UTC.
+  (a fraction is floored) and anything else must be ISO-8601; zone-less times are taken as UTC. With a
+  format every value is parsed with it, a Parquet number as the digits of its integer value (20200101
+  with ``%Y%m%d``, as in a CSV); a number with a fraction does not match a format.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,11 +37,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
+from twotower.data.csv_records import lines_of, read_columns, read_frame, resolve_sep
 from twotower.data.errors import DataError
 
 log = logging.getLogger("twotower.data")
 
-_TEXT_SEPS = {".csv": ",", ".tsv": "\t"}
 _TEXT_SUFFIXES = {".csv", ".tsv", ".txt"}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
 _NA_TOKENS = ["", "nan", "NaN", "NA", "N/A", "NULL", "null", "None"]
@@ -82,57 +85,16 @@ class _Raw:
     frame: pd.DataFrame
     sep: str | None  # None for Parquet
     rows: np.ndarray  # 1-based data-row number of each frame row
-    malformed: list[DataError]  # text rows with too many fields (already dropped from frame)
+    malformed: list[DataError]  # text rows with too many fields (not in frame)
 
     def errors(self, found: list[tuple[int, str, str]]) -> list[DataError]:
         """DataErrors for (frame position, column, reason) triples, with physical lines for text."""
         rows = [int(self.rows[pos]) for pos, _, _ in found]
-        lines = _lines_of(self.path, self.sep, set(rows)) if self.sep is not None else {}
+        lines = lines_of(self.path, self.sep, set(rows)) if self.sep is not None else {}
         return [
             DataError(self.path, reason, row=row, line=lines.get(row), column=col)
             for row, (_, col, reason) in zip(rows, found, strict=True)
         ]
-
-
-def _records(path: Path, sep: str) -> Iterator[tuple[int, int, int]]:
-    """(data row, physical line, field count) of each non-blank record after the header."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-        reader = csv.reader(fh, delimiter=sep)
-        next(reader, None)
-        row, last_line = 0, reader.line_num
-        for record in reader:
-            start, last_line = last_line + 1, reader.line_num
-            if record:  # blank lines are not data rows (pandas skips them too)
-                row += 1
-                yield row, start, len(record)
-
-
-def _lines_of(path: Path, sep: str, rows: set[int]) -> dict[int, int]:
-    # Only run when reporting errors: a Python-level scan is exact (quoted newlines) but slow.
-    found: dict[int, int] = {}
-    if rows:
-        last = max(rows)
-        for row, line, _ in _records(path, sep):
-            if row in rows:
-                found[row] = line
-            if row >= last:
-                break
-    return found
-
-
-def _resolve_sep(path: Path, sep: str | None) -> str:
-    if sep is not None:
-        if len(sep) != 1:
-            raise ValueError(f"sep must be a single character, got {sep!r}")
-        return sep
-    if path.suffix.lower() in _TEXT_SEPS:
-        return _TEXT_SEPS[path.suffix.lower()]
-    with open(path, encoding="utf-8-sig", errors="replace") as fh:
-        header = fh.readline()
-    try:
-        return csv.Sniffer().sniff(header, delimiters=",\t|;").delimiter
-    except csv.Error:
-        raise DataError(path, "cannot infer the separator from the header; pass sep=", line=1) from None
 
 
 def _check_columns(path: Path, available: list[str], required: list[str]) -> None:
@@ -158,32 +120,10 @@ def _read(path: str | Path, sep: str | None, required: list[str], dtype: Any, de
         return _Raw(path, frame.reset_index(drop=True), None, np.arange(1, len(frame) + 1), [])
     if suffix not in _TEXT_SUFFIXES:
         raise DataError(path, f"unsupported file type {suffix!r} (use .csv, .tsv, .txt, .parquet)")
-    sep = _resolve_sep(path, sep)
-    try:
-        available = list(pd.read_csv(path, sep=sep, nrows=0).columns)
-    except pd.errors.EmptyDataError:
-        raise DataError(path, "empty file (a header row is required)") from None
+    sep = resolve_sep(path, sep)
+    available = read_columns(path, sep, required)
     _check_columns(path, available, required)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", pd.errors.ParserWarning)
-        # on_bad_lines="warn" keeps reading past rows with too many fields; they are located below.
-        frame = pd.read_csv(
-            path, sep=sep, dtype=dtype, keep_default_na=default_na, on_bad_lines="warn", encoding="utf-8-sig"
-        )
-    for w in caught:
-        if "Skipping line" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    rows = np.arange(1, len(frame) + 1)
-    malformed: list[DataError] = []
-    if any("Skipping line" in str(w.message) for w in caught):
-        kept = []
-        for row, line, n in _records(path, sep):
-            if n > len(available):
-                reason = f"expected {len(available)} fields, saw {n}"
-                malformed.append(DataError(path, reason, row=row, line=line))
-            else:
-                kept.append(row)
-        rows = np.asarray(kept[: len(frame)])
+    frame, rows, malformed = read_frame(path, sep, dtype, default_na)
     return _Raw(path, frame, sep, rows, malformed)
 
 
@@ -209,9 +149,15 @@ def _id_check(raw: pd.Series, what: str) -> _Check:
 
 def _normalise_ids(values: pd.Series, text: bool) -> pd.Series:
     """int64 when the column is integral (see module docstring), else str."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        # Judge a categorical by its values: `.map` below would keep a one-category column categorical.
+        # Callers have dropped missing ids, so integer categories convert exactly.
+        values = values.astype(values.cat.categories.dtype)
     if pd.api.types.is_bool_dtype(values):
         return values.astype(str)
     if pd.api.types.is_integer_dtype(values):
+        if pd.api.types.is_unsigned_integer_dtype(values) and (values > np.iinfo(np.int64).max).any():
+            return values.astype(str)  # int64 would wrap these to negative ids
         return values.astype(np.int64)
     if pd.api.types.is_float_dtype(values):
         arr = values.to_numpy(dtype=np.float64)
@@ -257,17 +203,28 @@ def _timestamp_check(raw: pd.Series, fmt: str | None) -> tuple[np.ndarray, _Chec
     else:
         is_number = pd.api.types.is_numeric_dtype(raw)
         if is_number or fmt is None:
-            # A bare number is Unix seconds (a fraction is floored); text goes to the date parser below.
             numbers = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
             with np.errstate(invalid="ignore"):
-                ok = ~missing & (np.abs(numbers) < 2**53)  # also rejects NaN/inf
+                usable = ~missing & (np.abs(numbers) < 2**53)  # also rejects NaN/inf
+        if fmt is None:
+            # A bare number is Unix seconds (a fraction is floored); text goes to the ISO-8601 parser.
+            ok = usable
             seconds[ok] = np.floor(numbers[ok]).astype(np.int64)
-        rest = ~missing & ~ok
-        if rest.any() and not is_number:
-            text = raw[rest].astype(str).str.strip()
+            to_parse = ~missing & ~ok & (not is_number)
+            text = raw[to_parse].astype(str).str.strip()
+        elif is_number:
+            # The format describes digits (20200101 with "%Y%m%d"): parse a number's integer text, as the
+            # same value in a CSV is parsed; a number with a fraction matches no format and stays bad.
+            with np.errstate(invalid="ignore"):
+                to_parse = usable & (np.mod(numbers, 1) == 0)
+            text = pd.Series(numbers[to_parse].astype(np.int64).astype(str))
+        else:
+            to_parse = ~missing
+            text = raw[to_parse].astype(str).str.strip()
+        if to_parse.any():
             parsed = pd.to_datetime(text, format=fmt or "ISO8601", utc=True, errors="coerce")
             good = parsed.notna().to_numpy()
-            idx = np.flatnonzero(rest)[good]
+            idx = np.flatnonzero(to_parse)[good]
             seconds[idx] = ((parsed[good] - _EPOCH) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
             ok[idx] = True
     expected = f"format {fmt!r}" if fmt else "integer Unix seconds or ISO-8601"
