@@ -125,3 +125,47 @@ def test_teacher_top_matches_a_full_sort() -> None:
     teacher = Teacher(Lookup(), torch.eye(5), torch.eye(40))  # type: ignore[arg-type]
     top = teacher.top(torch.arange(5), 7, chunk=2)
     assert top.tolist() == np.argsort(-scores, axis=1)[:, :7].tolist()
+
+
+def test_aligning_a_copy_leaves_the_base_model_alone_and_counts_steps(run, monkeypatch) -> None:
+    # 150 users in lists of 40 per step: ceil(150 / 40) = 4 optimizer steps per epoch, for the control
+    # and the aligned variant alike, and the epoch records average the terms over those steps.
+    model = Retriever.load(run).model.eval()
+    teacher = Teacher(LowIndexRanker(), model.user_embeddings(), model.item_embeddings())  # type: ignore[arg-type]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps: list[int] = []
+    original = torch.optim.Adam.step
+
+    def counting(self, *args, **kwargs):
+        steps.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting)
+    config = AlignConfig(epochs=2, lr=1e-2, candidates=10, random=5, users_per_step=40)
+    for terms in (AlignmentConfig(), AlignmentConfig(distill_weight=1.0, reward_weight=0.5)):
+        steps.clear()
+        student = copy.deepcopy(model)
+        shared = {id(p) for p in model.parameters()} & {id(p) for p in student.parameters()}
+        assert not shared
+        history = align_retrieval(student, teacher, retriever_positives(run), config.model_copy(
+            update={"alignment": terms}))  # fmt: skip
+        assert len(steps) == 2 * 4 and [h["epoch"] for h in history] == [1, 2]
+        assert all(np.isfinite(v) for h in history for v in h.values())
+        moved = any(not torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+        assert moved and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert set(history[-1]) == {"epoch", "retrieval", "distill", "reward", "alignment"}
+    # The alignment term is the weighted sum of its parts, step by step, so also in the means.
+    last = history[-1]
+    assert last["alignment"] == pytest.approx(last["distill"] + 0.5 * last["reward"], rel=1e-5)
+
+
+def test_teacher_top_breaks_ties_towards_the_lower_catalogue_index() -> None:
+    class Tied:
+        def score(self, user_emb, item_idx, item_emb):
+            return (item_idx % 3 == 2).float()  # items 2, 5, 8, ... best, the rest tied
+
+    teacher = Teacher(Tied(), torch.eye(2), torch.eye(40))  # type: ignore[arg-type]
+    top = teacher.top(torch.arange(2), 16)
+    best = list(range(2, 40, 3))
+    rest = [i for i in range(40) if i % 3 != 2]
+    assert top.tolist() == [best + rest[:3]] * 2

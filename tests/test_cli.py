@@ -86,3 +86,60 @@ def test_report_command(tmp_path):
     assert (run_dir / "report.html").exists() and "report.html" in result.output
     bad = runner.invoke(app, ["report", str(tmp_path)])
     assert bad.exit_code == 2
+
+
+def _clean_failure(result, *needles):
+    """Exit code 2, a one-line `error:` naming what was wrong, and no traceback."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in result.output, (needle, result.output)
+
+
+def test_bad_input_fails_with_a_message_not_a_traceback(tmp_path):
+    # Each of these used to end in a Python traceback (exit code 1).
+    config = _write_config(tmp_path)
+    run = ["--run-dir", str(tmp_path / "r"), "--quiet"]
+    result = runner.invoke(app, ["train", str(config), *run, "--set", "model.user_tower.layers=[64,"])
+    _clean_failure(result, "model.user_tower.layers=[64,", "not valid YAML")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"train:\n  seed: \xff\n")
+    _clean_failure(runner.invoke(app, ["train", str(binary), *run]), "binary.yaml", "cannot read")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("[]\n")  # was taken for "all defaults" and trained
+    _clean_failure(runner.invoke(app, ["train", str(listy), *run]), "list.yaml", "mapping")
+    assert not (tmp_path / "r").exists()
+    result = runner.invoke(app, ["train", str(config), "--run-dir", str(config), "--quiet"])  # a file
+    _clean_failure(result, "tiny.yaml")
+    result = runner.invoke(app, ["train-ranker", str(tmp_path), str(config), "--config", str(tmp_path)])
+    _clean_failure(result, "cannot read the config")
+    result = runner.invoke(app, ["export", str(tmp_path), "--index-option", "nprobe=[1"])
+    _clean_failure(result, "nprobe=[1", "not valid YAML")
+
+
+def test_early_stopping_metric_set_into_a_resolved_config_is_checked_before_training(tmp_path):
+    # The resolved config.yaml writes `early_stopping: null`; --set into it used to say "not a section",
+    # and an unknown metric failed with a KeyError traceback after an epoch of training.
+    config = _write_config(tmp_path)
+    result = runner.invoke(
+        app,
+        ["train", str(config), "--run-dir", str(tmp_path / "r"), "--quiet",
+         "--set", "train.early_stopping.metric=ndcg@11"],
+    )  # fmt: skip
+    _clean_failure(result, "train.early_stopping.metric 'ndcg@11'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_paths_with_spaces_and_relative_paths_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "my runs"
+    folder.mkdir()
+    _write_config(folder)
+    result = runner.invoke(
+        app,
+        ["train", "my runs/tiny.yaml", "--run-dir", "my runs/run one", "--quiet", "--set", "train.epochs=1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "run directory: my runs/run one" in result.output
+    saved = yaml.safe_load((folder / "run one" / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1

@@ -80,3 +80,28 @@ def test_randomised_sessions_estimate_the_examination_curve():
     assert estimated == pytest.approx(truth, abs=0.03)
     with pytest.raises(ValueError, match="randomised sessions"):
         estimate_propensities(log.take(np.flatnonzero(~log.randomized)))
+
+
+def test_ties_in_the_logging_score_keep_document_order():
+    # w = 1 gives tied scores within a label: the stable sort shows them in row order, every time.
+    data = RankingData(
+        "t", np.zeros((5, 1), np.float32), np.array([1, 2, 1, 2, 0]), np.array([0, 5]), 4, ["x"]
+    )
+    scores = logging_scores(data, LoggingPolicyConfig(kind="mixture", w=1.0), seed=3)
+    assert _top_n(data, scores, 4).tolist() == [[1, 3, 0, 2]]
+
+
+def test_one_percent_of_few_queries_still_labels_one_query():
+    # round(0.01 * 30) = 0, but the production ranker is fitted on at least one query.
+    data = _planted(num_queries=30)
+    scores = logging_scores(data, LoggingPolicyConfig(kind="production", label_share=0.01), seed=0)
+    assert np.isfinite(scores).all() and np.corrcoef(scores, data.labels)[0, 1] > 0.8
+
+
+def test_queries_shorter_than_top_n_leave_empty_slots_unclicked():
+    data = _planted(num_queries=40, per_query=3)
+    cfg = SimulationConfig(top_n=5, sessions_per_query=50, intervention_share=0.5)
+    log = simulate_click_log(data, logging_scores(data, cfg.logging, seed=0), cfg, seed=4)
+    assert (log.docs[:, 3:] == -1).all() and (log.labels[:, 3:] == -1).all()
+    assert log.clicks[:, 3:].sum() == 0 and log.examination[:, 3:].sum() == 0
+    assert (log.docs[:, :3] >= 0).all()  # RandTop-N shuffles the filled slots only

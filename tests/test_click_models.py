@@ -124,3 +124,29 @@ def test_padding_is_never_clicked_and_shapes_are_checked():
         )
     with pytest.raises(ValueError, match="device must be"):
         model.click_probability(np.zeros((2, 3), dtype=np.int64), np.zeros(3, dtype=np.int64))
+
+
+def test_degenerate_tables_and_label_scales_are_refused():
+    # An empty table passed validation (all([]) is True) and failed later with an IndexError.
+    with pytest.raises(ValidationError, match="at least one rank"):
+        ExaminationConfig(kind="table", table=[])
+    # max_label 0 made the gain 0/0: every click probability nan, so no click was ever drawn.
+    with pytest.raises(ValueError, match="max_label must be >= 1"):
+        relevance_click_probability(np.array([0, 0]), max_label=0)
+    # y = 0 gives eps and y = ymax gives 1 for any scale; labels above ymax count as ymax.
+    assert relevance_click_probability(np.array([0, 1, 2]), max_label=1, epsilon=0.2) == pytest.approx(
+        [0.2, 1.0, 1.0]
+    )
+
+
+def test_ultra_table_past_rank_ten_and_eta_zero():
+    curve = examination_curve(ExaminationConfig(eta=1.0), 25)
+    assert curve[9:] == pytest.approx([0.06] * 16)
+    assert examination_curve(ExaminationConfig(eta=0.0), 12) == pytest.approx([1.0] * 12)  # no bias
+    # The cascade's examination below a certain click is 0 at every later rank, past 10 included.
+    cfg = _single_device(model="cascade", epsilon=0.0, continuation="always")
+    model = ClickModel(cfg, max_label=1, num_positions=12)
+    labels = np.zeros((1, 12), dtype=np.int64)
+    labels[0, 10] = 1
+    exam = model.examination(labels, np.array([0]))[0]
+    assert exam[:11] == pytest.approx([0.68] * 11) and exam[11] == 0.0

@@ -64,3 +64,69 @@ def test_shipped_configs_validate():
 
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         load_config(path)
+
+
+@pytest.mark.parametrize("text", ["[]", "false", "0", "''"])
+def test_a_falsy_non_mapping_top_level_is_an_error_not_the_defaults(tmp_path, text):
+    # `raw or {}` used to turn an empty list / false / 0 into "all defaults".
+    path = tmp_path / "run.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match="run.yaml: the top level must be a mapping"):
+        load_config(path)
+
+
+def test_an_empty_file_or_comments_only_means_the_defaults(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("# nothing set\n")
+    assert load_config(path) == load_config(None)
+
+
+def test_a_duplicate_key_is_an_error_not_a_silent_last_wins(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epochs: 1\n  lr: 0.1\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match="(?s)run.yaml.*duplicate key 'epochs'"):
+        load_config(path)
+    merged = tmp_path / "merge.yaml"  # a YAML merge key that is then overridden is not a duplicate
+    merged.write_text("train: {<<: {epochs: 1, lr: 0.1}, epochs: 4}\n")
+    assert load_config(merged).train.epochs == 4
+
+
+def test_unreadable_config_files_are_config_errors_naming_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)  # a directory
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"train:\n  seed: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="binary.yaml: cannot read"):
+        load_config(binary)
+
+
+def test_an_override_whose_value_is_not_yaml_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match=r"override 'model.user_tower.layers=\[64,'.*not valid YAML"):
+        load_config(None, ["model.user_tower.layers=[64,"])
+
+
+def test_overrides_reach_into_a_null_section_as_the_resolved_config_writes_it(tmp_path):
+    # A saved config.yaml spells unset optional sections `early_stopping: null`: --set must fill them.
+    save_config(load_config(None), tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["early_stopping"] is None
+    cfg = load_config(tmp_path / "config.yaml", ["train.early_stopping.metric=recall@10"])
+    assert cfg.train.early_stopping.metric == "recall@10" and cfg.train.early_stopping.patience == 3
+    with pytest.raises(ConfigError, match="train.early_stopping.metrc"):
+        load_config(tmp_path / "config.yaml", ["train.early_stopping.metrc=recall@10"])
+
+
+def test_a_rich_resolved_config_round_trips_to_an_identical_config(tmp_path):
+    cfg = parse_config(
+        {
+            "data": {"source": "files", "interactions": "dir with space/log.csv", "columns": {"user": "uid"}},
+            "features": {"user": [{"type": "id", "name": "user_id"}, {"type": "categorical", "name": "job"}]},
+            "model": {"history": {"enabled": True, "pooling": "attention"}, "user_tower": {"layers": [8]}},
+            "task": {"logq": "streaming", "negatives": {"sampler": "uniform", "num_sampled": 16}},
+            "train": {"lr": 1e-3, "early_stopping": {"metric": "recall@10"}, "valid_fraction": 0.1},
+            "eval": {"protocol": "temporal", "ks": [5, 10]},
+        }
+    )
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg

@@ -116,6 +116,43 @@ def test_residual_labels_by_hand():
     assert by_device["label"].to_numpy() == pytest.approx([3 / 7, -2 / 7, -1 / 7, -1.0, 3 / 7, 5 / 7])
 
 
+def test_callable_propensities_get_none_without_a_context():
+    # Documented: p(position, context value or None). Without a context column it used to get NaN.
+    calls = []
+
+    def p(position, context):
+        calls.append((position, context))
+        return 1.0 if context is None else 0.1  # a NaN context would count as a device
+
+    out = debiased_labels(_log([1, 0, 1, 0, 1, 1]), None, DebiasConfig(normalize=False), propensities=p)
+    assert sorted(calls) == [(1, None), (2, None), (3, None)]  # once per distinct pair
+    assert out["weight"].tolist() == [1.0] * 6
+    calls.clear()
+    debiased_labels(_log([1, 0, 1, 0, 1, 1], ["desktop", "mobile"]), None, DebiasConfig(context="device"),
+                    propensities=p)  # fmt: skip
+    assert sorted(calls) == [(pos, d) for pos in (1, 2, 3) for d in ("desktop", "mobile")]
+
+
+def test_empty_log_keeps_every_column():
+    empty = _log([1, 0, 0]).iloc[:0]
+    for method, columns in (("ipw", []), ("residual", ["label"]), ("none", [])):
+        out = debiased_labels(empty, None, DebiasConfig(method=method), None if method == "none" else [])
+        assert list(out.columns) == ["user_id", "item_id", "clicked", "weight", *columns] and not len(out)
+
+
+def test_unclicked_rows_weigh_one_and_positions_past_the_curve_take_its_last_value():
+    # Additive curve of 3 positions: a click at position 7 is weighted as one at 3; skips weigh 1 there
+    # too; the clip bounds 1/p from above (p = 1/16 -> 10) and min_propensity from below p.
+    ranker = _ranker("additive", {"mobile": [1.0, 0.25, 0.0625]}, ["mobile"])
+    frame = _log([1, 0, 1, 1, 0, 0], ["mobile", "mobile"]).assign(position=[1, 7, 7, 3, 9, 2])
+    out = debiased_labels(frame, ranker, DebiasConfig(normalize=False))
+    assert out["weight"].tolist() == [1.0, 1.0, 10.0, 10.0, 1.0, 1.0]
+    floored = debiased_labels(frame, ranker, DebiasConfig(normalize=False, clip=math.inf, min_propensity=0.1))
+    assert floored["weight"].tolist() == [1.0, 1.0, 10.0, 10.0, 1.0, 1.0]
+    unclipped = debiased_labels(frame, ranker, DebiasConfig(normalize=False, clip=math.inf))
+    assert unclipped["weight"].tolist() == [1.0, 1.0, 16.0, 16.0, 1.0, 1.0]
+
+
 def test_output_is_what_the_retrieval_loader_reads(tmp_path):
     frame = _log([1, 0, 1, 0, 1, 1]).assign(timestamp=[5, 5, 5, 9, 9, 9])
     out = debiased_labels(frame, None, DebiasConfig(method="residual"), propensities=list(P.values()) * 2)

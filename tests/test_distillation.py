@@ -86,6 +86,20 @@ def test_kl_high_temperature_limit_is_half_centred_mse():
     assert kl == pytest.approx(mse / 2, rel=1e-3)
 
 
+@pytest.mark.parametrize("temperature", [0.25, 1.0, 4.0])
+@pytest.mark.parametrize("kind", ["kl", "mse"])
+def test_identical_scores_are_a_minimum_with_zero_gradient(kind, temperature):
+    teacher = torch.tensor([[1.0, -2.0, 0.5], [3.0, 3.0, 0.0]], dtype=torch.float64)
+    s = teacher.clone().requires_grad_()
+    loss = distillation_loss(s, teacher, MASK, kind, temperature)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-12) and s.grad.abs().max().item() < 1e-12
+    g = torch.Generator().manual_seed(5)
+    for _ in range(5):  # every nearby student is worse
+        moved = teacher + 0.1 * torch.randn(teacher.shape, generator=g, dtype=torch.float64)
+        assert distillation_loss(moved, teacher, MASK, kind, temperature).item() > 0
+
+
 # --- distillation: mse -----------------------------------------------------------------------------
 def test_mse_by_hand():
     s = torch.tensor([[1.0, 2.0, 3.0]])
@@ -163,6 +177,26 @@ def test_reinforce_without_baseline_by_hand():
     s = torch.tensor([[LN2, 0.0, 0.0]])
     loss = reward_weighted_softmax_loss(s, torch.tensor([[1.0, 2.0, 4.0]]), form="reinforce")
     assert loss.item() == approx(13 * LN2 / 3)
+
+
+@pytest.mark.parametrize("baseline", ["none", "mean"])
+def test_reinforce_step_moves_mass_to_the_rewarded_candidate(baseline):
+    # Rewards [0, 0, 3] with the mean baseline: A = [-1, -1, 2]; one descent step must raise p of the
+    # third candidate (the sign of the surrogate), and with no baseline all rewards >= 0 still push
+    # the best one up the most.
+    s = torch.zeros(1, 3, requires_grad=True)
+    r = torch.tensor([[0.0, 0.0, 3.0]])
+    reward_weighted_softmax_loss(s, r, baseline=baseline, form="reinforce").backward()
+    after = torch.softmax(s.detach() - 0.5 * s.grad, dim=1)[0]
+    assert after[2] > 1 / 3 and after[0] < 1 / 3 and after[1] < 1 / 3
+
+
+def test_reward_cross_entropy_gradient_is_p_minus_q():
+    s = torch.tensor([[0.5, -1.0, 2.0]], requires_grad=True)
+    r = torch.tensor([[1.0, 0.0, -1.0]])
+    reward_weighted_softmax_loss(s, r, reward_temperature=0.5).backward()
+    expected = torch.softmax(s.detach(), 1) - torch.softmax(r / 0.5, 1)
+    assert s.grad[0].tolist() == pytest.approx(expected[0].tolist(), abs=1e-6)
 
 
 # --- masks, weights, reduction, stability (every loss) -----------------------------------------------

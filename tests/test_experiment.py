@@ -1,5 +1,6 @@
 """End to end on data with a known answer: the planted structure must be recovered."""
 
+import json
 import shutil
 
 import numpy as np
@@ -136,3 +137,56 @@ def test_compiled_towers_give_the_same_loss_and_gradients_and_runs_load_alike(tm
     assert runs[True]["ndcg@10"] == pytest.approx(runs[False]["ndcg@10"], abs=0.03)
     a, b = (load_tensors(tmp_path / str(flag) / "model.safetensors") for flag in (False, True))
     assert sorted(a) == sorted(b)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resuming_replaces_the_export_of_the_previous_weights(tmp_path):
+    # recommend/serve use RUN_DIR/export when it exists: after --resume it used to serve the old model.
+    from twotower.export import export_run, resolve_export
+    from twotower.reranker import sha256_file
+
+    run_dir = tmp_path / "run"
+    train_run(tiny_config(epochs=1), run_dir, progress=False)
+    old = export_run(run_dir)
+    train_run(tiny_config(epochs=2), run_dir, resume=True, progress=False)
+    assert not old.exists()
+    manifest = json.loads((resolve_export(run_dir) / "manifest.json").read_text())
+    assert manifest["retrieval_sha256"] == sha256_file(run_dir / "model.safetensors")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resuming_with_another_model_is_a_config_error_that_keeps_the_runs_config(tmp_path):
+    from twotower.config import ConfigError
+
+    run_dir = tmp_path / "run"
+    train_run(tiny_config(epochs=1), run_dir, progress=False)
+    saved = (run_dir / "config.yaml").read_text()
+    other = tiny_config(epochs=2)
+    other.model.user_tower.embedding_dim = 8
+    with pytest.raises(ConfigError, match="cannot resume .*model differs"):
+        train_run(other, run_dir, resume=True, progress=False)
+    assert (run_dir / "config.yaml").read_text() == saved  # was overwritten before torch's size error
+    more = train_run(tiny_config(epochs=2, lr=0.005), run_dir, resume=True, progress=False)  # train.*: fine
+    assert more["epochs_run"] == 2
+
+
+def test_a_data_error_leaves_no_run_directory(tmp_path):
+    from twotower.config import RunConfig
+
+    config = RunConfig.model_validate({"data": {"source": "files", "interactions": str(tmp_path / "no.csv")}})
+    with pytest.raises(FileNotFoundError, match="no.csv"):
+        train_run(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # used to hold a lone config.yaml
+
+
+def test_unusable_early_stopping_is_an_error_before_training(tmp_path):
+    from twotower.config import ConfigError
+
+    config = tiny_config(early_stopping={"metric": "ndcg@11"})
+    with pytest.raises(ConfigError, match="'ndcg@11' is not one of .*'ndcg@10'"):
+        train_run(config, tmp_path / "a", progress=False)  # was a KeyError after the first epoch
+    config = tiny_config(early_stopping={"metric": "ndcg@10"})
+    config.eval.protocol = "msrec"  # no validation split of its own and valid_fraction 0: was ignored
+    with pytest.raises(ConfigError, match="needs a validation split"):
+        train_run(config, tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

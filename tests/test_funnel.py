@@ -100,3 +100,50 @@ def test_spearman_is_reported_for_a_model_list() -> None:
 def test_config_is_strict() -> None:
     with pytest.raises(ValueError, match="extra"):
         FunnelConfig(retrive_n=3)  # type: ignore[call-arg]
+
+
+def test_stage_sizes_follow_serving_when_k_exceeds_light_n_or_retrieve_n() -> None:
+    # Serving (Pipeline.recommend) retrieves at least what later stages keep and its light ranker never
+    # hands the main one fewer than k; the funnel used to cut to light_n = 2 and serve 2 items of k = 3.
+    teacher = _teacher(MAIN)
+    config = FunnelConfig(retrieve_n=4, light_n=2, k=3)
+    lists = run_funnel(RETRIEVED, teacher, MatrixRanker(LIGHT), config)  # type: ignore[arg-type]
+    # Light keeps its top 3: user 0 -> 0, 1, 2; user 1 -> 0, 3, 4. The main ranker orders them.
+    assert lists.light.tolist() == [[0, 1, 2], [0, 3, 4]]
+    assert lists.served.tolist() == [[2, 1, 0], [0, 3, 4]]
+    # k above retrieve_n: retrieval hands over k candidates (here the precomputed list's first 3).
+    wide = run_funnel(torch.tensor([[0, 1, 2, 5, 4], [3, 4, 5, 0, 1]]), teacher, None, FunnelConfig(
+        retrieve_n=2, light_n=2, k=3))  # fmt: skip
+    assert wide.retrieved.tolist() == [[0, 1, 2], [3, 4, 5]] and wide.served.shape == (2, 3)
+
+
+def test_ranker_ties_go_to_the_lower_catalogue_index() -> None:
+    # A ranker that ties everything: the served list must not depend on topk's unspecified tie order.
+    teacher = _teacher(np.zeros((2, 6)))
+    config = FunnelConfig(retrieve_n=4, light_n=3, k=2)
+    lists = run_funnel(RETRIEVED, teacher, MatrixRanker(np.zeros((2, 6))), config)  # type: ignore[arg-type]
+    assert lists.light.tolist() == [[0, 1, 2], [0, 3, 4]]
+    assert lists.served.tolist() == [[0, 1], [0, 3]]
+    # Partial ties: user 0 scores items 2 and 5 alike (best), user 1 items 0 and 4.
+    scores = np.array([[0, 0, 9, 0, 0, 9], [7, 0, 0, 0, 7, 0]], dtype=float)
+    served = run_funnel(RETRIEVED, _teacher(scores), None, config).served
+    assert served.tolist() == [[2, 5], [0, 4]]
+
+
+def test_oracle_rows_with_k_above_retrieve_n_and_the_catalogue() -> None:
+    # topk past a row's length used to raise in oracle_rows for these configs.
+    teacher = _teacher(MAIN)
+    truth = np.tile(np.arange(6, dtype=float), (2, 1))
+    for k in (5, 8):
+        config = FunnelConfig(retrieve_n=4, light_n=3, k=k)
+        lists = run_funnel(RETRIEVED, teacher, None, config)
+        rows = oracle_rows(lists, teacher, None, lambda r: truth[r], config)
+        assert rows["oracle funnel (true top k)"][f"served_ndcg@{k}"] == pytest.approx(1.0)
+        # The true best of the 4 retrieved, in true order, is the best any ranker could serve from them.
+        ideal = sum(v / np.log2(r + 2) for r, v in enumerate(range(5, 5 - min(k, 6), -1)))
+        got = [sum(v / np.log2(r + 2) for r, v in enumerate(sorted(row, reverse=True))) for row in
+               RETRIEVED.tolist()]  # fmt: skip
+        expected = np.mean([g / ideal for g in got])
+        assert rows["learned retrieval + oracle rankers"][f"served_ndcg@{k}"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        FunnelConfig(recall_at=[10, -1])  # would slice retrieved[:, :-1] and report "recall@-1"

@@ -160,6 +160,9 @@ PREFIX = "# header\n1 qid:1 1:1 2:2\n\n"  # the bad line below is physical line 
         ("2 qid:1 7:nan", "feature 7", "not a finite number: 'nan'"),
         ("2 qid:1 7:-inf", "feature 7", "not a finite number: '-inf'"),
         ("2 qid:1 7:1e999", "feature 7", "not a finite number: '1e999'"),
+        # finite as float64 but inf as the stored float32 (write_letor refuses inf: no round trip)
+        ("2 qid:1 7:1e39", "feature 7", "out of float32 range: '1e39'"),
+        ("2 qid:1 7:-3.5e38", "feature 7", "out of float32 range: '-3.5e38'"),
         ("2 qid:1 0:1", "feature index", "feature index must be a whole number >= 1, got '0'"),
         ("2 qid:1 -3:1", "feature index", "feature index must be a whole number >= 1, got '-3'"),
         ("2 qid:1 1.5:1", "feature index", "feature index must be a whole number >= 1, got '1.5'"),
@@ -239,3 +242,26 @@ def test_clean_files_take_the_fast_path(tmp_path: Path, monkeypatch: pytest.Monk
     for sparse in (True, False):  # the scatter and the reshape branches
         write_letor(tmp_path / "r.txt", original, sparse=sparse)
         assert np.array_equal(read_letor(tmp_path / "r.txt").features, original.features)
+
+
+def test_float32_range_boundary(tmp_path: Path) -> None:
+    # FLT_MAX itself (and anything that rounds down to it) is a finite float32 and is kept exactly.
+    path = write(tmp_path / "max.txt", "1 qid:1 1:3.4028235e38 2:-3.4028235e38 3:1e-50\n")
+    data = read_letor(path)
+    assert data.features.tolist() == [[np.finfo(np.float32).max, -np.finfo(np.float32).max, 0.0]]
+
+
+@pytest.mark.parametrize("name", ["crlf.txt", "crlf.txt.gz"])
+def test_crlf_trailing_spaces_and_hashes_in_comments(tmp_path: Path, name: str) -> None:
+    text = "# head\r\n2 qid:b 1:1 2:2   \r\n\r\n0 qid:b 2:3 # id = x#1 \r\n1.0 qid:a\t1:-1\r\n"
+    raw = text.encode()
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    data = read_letor(tmp_path / name)
+    assert data.features.tolist() == [[1, 2], [0, 3], [-1, 0]] and data.labels.tolist() == [2, 0, 1]
+    assert data.query_ids.tolist() == ["b", "a"] and data.query_offsets.tolist() == [0, 2, 3]  # file order
+    assert data.comments == ["", "id = x#1", ""]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"1 qid:1 1:1\r\n1 qid:1 2:x\r\n")  # lines still counted right
+    with pytest.raises(DataError) as info:
+        read_letor(bad)
+    assert (info.value.line, info.value.column) == (2, "feature 2")

@@ -72,3 +72,39 @@ def test_movielens_users_are_queries_and_ratings_are_labels(ml100k):
     assert not np.isnan(data.features).any()
     sizes = np.diff(data.query_offsets)
     assert sizes.min() >= 20  # every ML-100K user rated at least 20 movies
+
+
+def _letor(tmp_path, text):
+    from twotower.data.letor import read_letor
+
+    path = tmp_path / "f.txt"
+    path.write_text(text)
+    return read_letor(path)
+
+
+def test_from_letor_all_zero_labels_keep_a_usable_label_scale(tmp_path):
+    from twotower.data.click_models import relevance_click_probability
+    from twotower.data.ltr import from_letor
+
+    data = from_letor(_letor(tmp_path, "0 qid:1 1:1\n0 qid:1 1:2\n0 qid:2 1:3\n"))
+    assert data.max_label == 1  # was 0: the click mapping divided 0 by 0
+    assert relevance_click_probability(data.labels, data.max_label) == pytest.approx([0.1, 0.1, 0.1])
+
+
+def test_from_letor_shuffles_documents_within_queries(tmp_path):
+    from twotower.data.ltr import from_letor
+
+    # A file sorted by label, as LETOR files often are: file order must not survive, because ties
+    # in score are broken by document order (evaluation and the logging policy's top N).
+    lines = [f"{4 - j // 8} qid:{q} 1:{q * 100 + j}\n" for q in (1, 2) for j in range(40)]
+    raw = _letor(tmp_path, "".join(lines))
+    data = from_letor(raw, log_transform=False)
+    assert data.query_offsets.tolist() == [0, 40, 80]
+    for q in range(2):
+        rows = slice(40 * q, 40 * (q + 1))
+        # the same (feature, label) pairs per query, in another order
+        pairs = sorted(zip(data.features[rows, 0].tolist(), data.labels[rows].tolist(), strict=True))
+        assert pairs == sorted(zip(raw.features[rows, 0].tolist(), raw.labels[rows].tolist(), strict=True))
+        assert not (np.diff(data.labels[rows]) <= 0).all()
+    again = from_letor(raw, log_transform=False)
+    assert np.array_equal(again.features, data.features)  # seeded

@@ -88,12 +88,16 @@ class Teacher:
 
     @torch.no_grad()
     def top(self, users: Tensor, k: int, chunk: int = 256) -> Tensor:
-        """The ranker's own top-``k`` over the whole catalogue, ``[B, k]``, best first."""
+        """The ranker's own top-``k`` over the whole catalogue, ``[B, k]``, best first; ties go to the
+        lower catalogue index, as in serving and :func:`twotower.funnel.run_funnel` (``topk`` leaves the
+        order of ties unspecified, so a tying ranker's top k was arbitrary and the funnel's recall of it
+        an accident)."""
         everything = torch.arange(len(self.item_emb))
         out = []
         for u in users.split(chunk):
             scores = self.logits(u, everything.expand(len(u), -1), chunk)
-            out.append(torch.topk(scores, min(k, scores.shape[1]), dim=1).indices)
+            order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # items ascend already
+            out.append(order[:, : min(k, scores.shape[1])])
         return torch.cat(out)
 
 

@@ -74,8 +74,13 @@ def train(
             metrics = train_run(cfg, run_dir, resume=resume, progress=not quiet)
         finally:
             distributed.teardown(owned)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
+        # ValueError covers ConfigError, DataError, an unreadable checkpoint ("delete ... or train
+        # without resume"); OSError a --run-dir that is a file or not writable: messages, no tracebacks.
         _fail(str(exc))
+        return
+    except KeyError as exc:  # e.g. an early-stopping metric the protocol does not compute
+        _fail(str(exc.args[0]) if exc.args else repr(exc))
         return
     if main:
         typer.echo(f"run directory: {run_dir}")
@@ -130,7 +135,10 @@ def _index_config(backend: str | None, options: list[str]):
         key, sep, value = option.partition("=")
         if not sep:
             raise ValueError(f"--index-option {option!r}: expected key=value")
-        raw[key.strip()] = yaml.safe_load(value)
+        try:
+            raw[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:  # a ValueError the commands report, not a parser traceback
+            raise ValueError(f"--index-option {option!r}: the value is not valid YAML: {exc}") from None
     return IndexConfig.model_validate(raw)
 
 

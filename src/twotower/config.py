@@ -118,6 +118,34 @@ class ConfigError(ValueError):
     """A config file that does not validate; the message names the file and every bad key."""
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping: PyYAML keeps the last value, which
+    would silently ignore the first - the fate the strict schema exists to prevent."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:  # before flatten_mapping: merge (<<) keys may be overridden
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the constructor below reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                        key_node.start_mark,
+                    )  # fmt: skip
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``raw`` with ``"a.b.c=value"`` overrides applied (value parsed as YAML)."""
     result = yaml.safe_load(yaml.safe_dump(raw)) or {}
@@ -128,11 +156,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = result
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            # A null section (``early_stopping: null``, as every resolved config.yaml spells an unset
+            # optional section) is an empty one to override into, not an error: validation decides.
+            if child is None:
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = _load_yaml(value)
+        except yaml.YAMLError as exc:  # e.g. "layers=[64," - an error naming the override, not a traceback
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from None
     return result
 
 
@@ -157,9 +192,17 @@ def load_config(
     if path is not None:
         source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:  # missing, a directory, unreadable, not text
+            raise ConfigError(f"{path}: cannot read the config: {exc}") from None
+        try:
+            raw = _load_yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        # Only an empty file (or one of comments) means "all defaults": `[]`, `0` or `false` are not
+        # mappings and must not pass as an empty one (``raw or {}`` let them through).
+        if raw is None:
+            raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return parse_config(apply_overrides(raw, overrides or []), source, model)

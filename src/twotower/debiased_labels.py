@@ -159,10 +159,13 @@ def examination_propensity(
 
 def _explicit(propensities: Propensities, positions: np.ndarray, contexts: np.ndarray | None) -> np.ndarray:
     if callable(propensities):
-        keys = pd.MultiIndex.from_arrays(
-            [positions, contexts if contexts is not None else np.full(len(positions), None, dtype=object)]
-        )
-        codes, pairs = keys.factorize()
+        if contexts is None:
+            # Positions alone: a MultiIndex level of None reads back as NaN, and the callable was
+            # promised None (``c is None`` tests, ``curves.get(c)`` lookups would miss NaN).
+            codes, uniques = pd.factorize(positions)
+            pairs = [(p, None) for p in uniques]
+        else:
+            codes, pairs = pd.MultiIndex.from_arrays([positions, contexts]).factorize()
         values = np.array([float(propensities(int(p), c)) for p, c in pairs], dtype=np.float64)
         p = values[codes] if len(codes) else np.zeros(0)
     else:
@@ -219,8 +222,10 @@ def debiased_labels(
     )  # fmt: skip
     if "timestamp" in log_frame.columns:
         out["timestamp"] = log_frame["timestamp"].to_numpy()
-    if config.method == "none" or not len(out):
+    if config.method == "none":
         return out
+    if not len(out):  # the same columns as a non-empty log's (residual promises ``label``)
+        return out.assign(label=np.zeros(0)) if config.method == "residual" else out
 
     column = config.context if config.context is not None else ranker.context_column if ranker else None
     contexts = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,10 @@ import pandas as pd
 import torch
 
 from twotower import __version__, distributed
-from twotower.config import RunConfig, config_to_dict, save_config
+from twotower.config import ConfigError, RunConfig, config_to_dict, load_config, save_config
 from twotower.data.dataset import Interactions, RetrievalData, build_retrieval_data, iterate_batches
 from twotower.data.prefetch import prefetched
-from twotower.evaluate import PROTOCOLS, evaluate_embeddings
+from twotower.evaluate import PROTOCOLS, _result_keys, evaluate_embeddings  # the validation metric names
 from twotower.history import history_csr
 from twotower.retrieval import TwoTowerModel
 from twotower.storage import save_tensors, write_json, write_parquet
@@ -117,15 +118,19 @@ def _train_run(
     config: RunConfig, run_dir: Path, resume: bool, progress: bool, data: RetrievalData | None
 ) -> dict[str, Any]:
     main = distributed.is_main()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _check_resumable(config, run_dir)  # before config.yaml is replaced by one the weights don't fit
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    if main:
-        save_config(config, run_dir / "config.yaml")
     seed_everything(config.train.seed)
     t0 = time.perf_counter()
     data = data or build_retrieval_data(config)  # every rank: the batches are built from it
+    _check_early_stopping(config, data)
+    if main:
+        # Only once the data has loaded: a bad data path is an error that leaves no run directory
+        # behind holding a lone config.yaml (nothing half-written).
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     (log.info if main else log.debug)(
         "data: %d users, %d items, %d train / %d test interactions",
         data.num_users,
@@ -165,10 +170,57 @@ def _train_run(
     if main:  # evaluation and files on rank 0; the others wait in broadcast_json for its metrics
         metrics = evaluate_model(model, config.eval.protocol, data.train, data.test, config.eval.ks)
         metrics.update(_fit_summary(result, time.perf_counter() - t0))
+        # `recommend` / `serve` use RUN_DIR/export when it exists: one built from the previous weights
+        # (before --resume, or a run trained again into the same directory) would be served silently.
+        # It is derived data, re-exported on first use.
+        stale_export = run_dir / "export"
+        if (stale_export / "manifest.json").exists():
+            log.info("removing %s: it was exported from the previous weights", stale_export)
+            shutil.rmtree(stale_export)
         save_model(model, data, config, run_dir)
         write_json(run_dir / "history.json", result.history)
         write_json(run_dir / "metrics.json", metrics)
     return distributed.broadcast_json(metrics)
+
+
+# Sections whose change makes the last checkpoint another model (shapes, vocabularies, split, task
+# state): resuming with them changed is an error, not a torch state-dict traceback after config.yaml
+# was already overwritten. train.* (epochs, lr, ...) may change on resume, except the optimizer.
+_RESUME_FIXED = ("data", "features", "model", "task")
+
+
+def _check_resumable(config: RunConfig, run_dir: Path) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not (run_dir / "checkpoints" / "last.json").exists() or not saved_path.exists():
+        return  # nothing to resume from: training starts afresh, as fit does
+    saved = config_to_dict(load_config(saved_path))
+    new = config_to_dict(config)
+    changed = [key for key in _RESUME_FIXED if saved[key] != new[key]]
+    if saved["train"]["optimizer"] != new["train"]["optimizer"]:
+        changed.append("train.optimizer")
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run_dir}: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} "
+            "from its config.yaml "
+            "(its checkpoint belongs to that config); train into a new --run-dir instead"
+        )
+
+
+def _check_early_stopping(config: RunConfig, data: RetrievalData) -> None:
+    """Reject, before any training, an early-stopping setting that could not work: without a validation
+    split it was silently ignored; an unknown metric failed with a KeyError after the first epoch."""
+    stopping = config.train.early_stopping
+    if stopping is None:
+        return
+    if data.valid is None:
+        raise ConfigError(
+            f"train.early_stopping needs a validation split: protocol {config.eval.protocol!r} has none "
+            "of its own; set train.valid_fraction > 0"
+        )
+    ks = tuple(config.eval.ks) if config.eval.ks else None
+    known = [key for key, _, _ in _result_keys(PROTOCOLS[config.eval.protocol], ks)]
+    if stopping.metric not in known:
+        raise ConfigError(f"train.early_stopping.metric {stopping.metric!r} is not one of {known}")
 
 
 def _fit_summary(result: FitResult, total_seconds: float) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 :func:`run_funnel` serves every user the way ``twotower serve`` does: retrieval's top
 ``retrieve_n`` by the two-tower score, the light ranker keeps its top ``light_n`` (skipped when there
-is none), the main ranker orders those and the first ``k`` are served. The rankers read their own
+is none), the main ranker orders those and the first ``k`` are served. As in serving, no stage passes
+on fewer than the stages after it keep (retrieval at least ``light_n`` and ``k``, the light ranker at
+least ``k``) and ranker ties go to the lower catalogue index. The rankers read their own
 features, the frozen retrieval embeddings they were trained on (:class:`~twotower.align.Teacher`), so
 a retrieval model aligned later still feeds the rankers the inputs they know.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -53,7 +56,8 @@ class FunnelConfig(BaseModel):
     # Retrieval's recall of the ranker's top k is also reported at these list sizes (those above
     # retrieve_n are skipped): one number at one N hides whether retrieval misses the ranker's
     # favourites or merely ranks them low.
-    recall_at: list[int] = Field(default_factory=lambda: [10, 20, 50, 100])
+    # >= 1: a 0 or negative N sliced the list from its end and reported e.g. "recall@-1".
+    recall_at: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 20, 50, 100])
 
 
 @dataclass
@@ -66,13 +70,27 @@ class FunnelLists:
     served: Tensor
 
 
+def _stage_sizes(config: FunnelConfig, has_light: bool) -> tuple[int, int]:
+    """``(retrieved, kept by the light ranker)`` as ``Pipeline.recommend`` sizes them: retrieval fetches
+    enough for every later stage and the light ranker never hands the main one fewer than ``k``, so a
+    ``k`` above ``light_n`` or ``retrieve_n`` still serves ``k`` items (catalogue permitting)."""
+    light_keep = max(config.light_n, config.k)
+    return max(config.retrieve_n, config.k, light_keep if has_light else 0), light_keep
+
+
 def _reorder(ranker: RunRanker, teacher: Teacher, users: Tensor, items: Tensor, keep: int) -> Tensor:
-    """``items [U, n]`` re-sorted by the ranker's relevance on the teacher's features, first ``keep``."""
+    """``items [U, n]`` re-sorted by the ranker's relevance on the teacher's features, first ``keep``.
+
+    Ties go to the lower catalogue index, as in serving: ``topk`` leaves their order unspecified (it
+    varies with the list length), which made the served list, and its nDCG, an accident of the kernel.
+    """
     scores = torch.cat([
         ranker.score(teacher.user_emb[u], i, teacher.item_emb[i])
         for u, i in zip(users.split(1024), items.split(1024), strict=True)
-    ])  # fmt: skip
-    order = torch.topk(scores, min(keep, items.shape[1]), dim=1).indices
+    ]) if len(items) else torch.empty(items.shape)  # fmt: skip
+    by_item = torch.sort(items, dim=1, stable=True).indices
+    by_score = torch.sort(torch.gather(scores, 1, by_item), dim=1, descending=True, stable=True).indices
+    order = torch.gather(by_item, 1, by_score)[:, : min(keep, items.shape[1])]
     return torch.gather(items, 1, order)
 
 
@@ -87,18 +105,19 @@ def run_funnel(
     """Serve ``users`` (all by default). ``retrieval`` is a model, or a precomputed candidate list
     ``[U, >= retrieve_n]`` (e.g. an oracle's)."""
     users = torch.arange(len(teacher.user_emb)) if users is None else users
+    fetch, light_keep = _stage_sizes(config, light is not None)
     if isinstance(retrieval, TwoTowerModel):
         retrieval.eval()
         query = retrieval.user_embeddings(users) / retrieval.config.temperature
         items = retrieval.item_embeddings()
-        n = min(config.retrieve_n, len(items))
+        n = min(fetch, len(items))
         top = [torch.topk(q @ items.T, n, dim=1) for q in query.split(1024)]
         retrieved = torch.cat([t.indices for t in top])
         scores = torch.cat([t.values for t in top])
     else:
-        retrieved = retrieval[:, : config.retrieve_n]
+        retrieved = retrieval[:, :fetch]
         scores = torch.full(retrieved.shape, float("nan"))
-    shortlist = retrieved if light is None else _reorder(light, teacher, users, retrieved, config.light_n)
+    shortlist = retrieved if light is None else _reorder(light, teacher, users, retrieved, light_keep)
     served = _reorder(teacher.ranker, teacher, users, shortlist, config.k)
     return FunnelLists(retrieved, scores, shortlist, served)
 
@@ -156,9 +175,11 @@ def oracle_rows(
     users = torch.arange(len(teacher.user_emb)) if users is None else users
     k, n = config.k, lists.retrieved.shape[1]
     rel = torch.cat([torch.from_numpy(relevance(u.numpy())) for u in users.split(1024)])
-    best = torch.topk(rel, max(k, n), dim=1).indices
+    # Cut at the catalogue and at what was retrieved: topk past a row's length raises (k > retrieve_n,
+    # or k > the catalogue, used to crash here although run_funnel and evaluate_funnel accept them).
+    best = torch.topk(rel, min(max(k, n), rel.shape[1]), dim=1).indices
     within = torch.gather(rel, 1, lists.retrieved)
-    best_retrieved = torch.gather(lists.retrieved, 1, torch.topk(within, k, dim=1).indices)
+    best_retrieved = torch.gather(lists.retrieved, 1, torch.topk(within, min(k, n), dim=1).indices)
     learned_on_best = run_funnel(best, teacher, light, config, users).served
     return {
         "oracle funnel (true top k)": {f"served_ndcg@{k}": _ndcg(best[:, :k], users, relevance, k)},

@@ -62,6 +62,8 @@ class ExaminationConfig(BaseModel):
     def _table(self) -> ExaminationConfig:
         if (self.kind == "table") != (self.table is not None):
             raise ValueError("give `table` exactly when kind='table'")
+        if self.table is not None and not self.table:  # all() of [] is True; the curve would IndexError
+            raise ValueError("`table` needs at least one rank")
         if self.table is not None and not all(0.0 < p <= 1.0 for p in self.table):
             raise ValueError("examination probabilities must lie in (0, 1]")
         return self
@@ -78,6 +80,8 @@ def examination_curve(config: ExaminationConfig, num_positions: int) -> np.ndarr
 
 def relevance_click_probability(labels: np.ndarray, max_label: int, epsilon: float = 0.1) -> np.ndarray:
     """``eps + (1 - eps) (2^y - 1) / (2^ymax - 1)``; slots with ``y < 0`` (padding) get 0."""
+    if max_label < 1:  # 2^0 - 1 = 0: the gain would be 0/0 = nan and no document ever clicked
+        raise ValueError(f"max_label must be >= 1, got {max_label}")
     labels = np.asarray(labels)
     gain = (np.exp2(np.clip(labels, 0, max_label)) - 1.0) / (2.0**max_label - 1.0)
     return np.where(labels >= 0, epsilon + (1.0 - epsilon) * gain, 0.0)

@@ -12,7 +12,8 @@ Conventions:
 - **Labels** are graded relevance: whole numbers >= 0 (``2`` and ``2.0``; not ``2.5``, ``-1``).
 - **Features**: ``index:value`` with a 1-based index in ASCII digits (index k is column k - 1), at
   most once per line but in any order, and a finite decimal value; absent features are 0.0. Values
-  are parsed to the correctly rounded float64, then stored as float32.
+  are parsed to the correctly rounded float64, then stored as float32 (a value that would round to
+  float32 inf, such as ``1e39``, is an error).
 - **Queries**: a query's documents must be contiguous; ``query_offsets`` delimits them in file
   order. Query ids keep their identity as ids do in `twotower.data.loader`: int64 when every qid is
   a canonical integer (``7``; ``007`` is not one), else str.
@@ -48,6 +49,9 @@ __all__ = ["LetorData", "read_letor", "write_letor"]
 _BLOCK_CHARS = 1 << 25  # ~32 MiB of text per block bounds the fast path's temporaries
 _MAX_FEATURES = 1 << 20  # without num_features, a wider index is a typo, not a [docs x 1M] matrix
 _MAX_WHOLE = 1 << 31  # labels are small grades; a bigger whole number is garbage
+# Values are stored as float32: a finite float64 at or past this magnitude rounds to float32 inf
+# (the halfway point between FLT_MAX and 2^128 rounds to even, i.e. up), which the rules forbid.
+_F32_LIMIT = 2.0**128 - 2.0**103
 _WS_TO_NEWLINE = bytes.maketrans(b" \t\r\x0b\x0c", b"\n\n\n\n\n")  # one pair per CSV row
 _WRITE_ROWS = 4096
 
@@ -207,7 +211,7 @@ class _Reader:
         # The reader takes '-1', 'nan' and 'inf', which the rules do not.
         if len(index) != counts.sum() or index.min() < 1 or index.max() > self.width_limit:
             return None
-        if not np.isfinite(value).all():
+        if not (np.abs(value) < _F32_LIMIT).all():  # also False for nan and inf
             return None
         # Indices may only fail to increase where a new line starts; otherwise sort to look for a
         # repeated (line, index) pair, which is the only thing that is actually wrong.
@@ -256,6 +260,8 @@ class _Reader:
             raise _Bad(column, f"not a number: {v_text!r}")
         if not np.isfinite(value):
             raise _Bad(column, f"not a finite number: {v_text!r}")
+        if abs(value) >= _F32_LIMIT:  # e.g. 1e39: finite here, but inf once stored as float32
+            raise _Bad(column, f"out of float32 range: {v_text!r}")
         return k, value
 
     def _dense(

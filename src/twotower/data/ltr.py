@@ -8,7 +8,8 @@ names each document's catalogue item, for an id embedding in the relevance tower
 Three sources build one:
 
 * :func:`from_letor`: any LETOR/svmlight file (MSLR-WEB10K/30K, Yahoo, MQ2007/2008, Istella), its
-  features passed through ``sign(x) log(1 + |x|)`` (they are heavy-tailed counts);
+  features passed through ``sign(x) log(1 + |x|)`` (they are heavy-tailed counts), its documents
+  shuffled within each query (seeded);
 * :func:`from_synthetic_world`: users as queries; each gets ``candidates`` items (half drawn from its
   own preference distribution, half uniformly), labelled by cutting the true logit at global quantiles
   (``label_shares``: by default 50/25/15/7/3 % for labels 0-4, like MSLR). Features: the user's
@@ -99,15 +100,25 @@ def _signed_log(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
-def from_letor(data: LetorData, max_label: int | None = None, log_transform: bool = True) -> RankingData:
-    labels = data.labels.astype(np.int64)
-    feats = data.features.astype(np.float32)
+def from_letor(
+    data: LetorData, max_label: int | None = None, log_transform: bool = True, seed: int = 0
+) -> RankingData:
+    offsets = data.query_offsets.astype(np.int64)
+    # Shuffle the documents within each query, as from_movielens does: LETOR files are often in a
+    # meaningful order (by label, by a baseline's score), and both evaluation and the logging
+    # policy's top N break score ties by document order, so file order would leak into them.
+    doc_query = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    order = np.lexsort((np.random.default_rng([seed, 14]).random(len(doc_query)), doc_query))
+    labels = data.labels.astype(np.int64)[order]
+    feats = data.features.astype(np.float32)[order]
     return RankingData(
         name=data.path.name,
         features=_signed_log(feats).astype(np.float32) if log_transform else feats,
         labels=labels,
-        query_offsets=data.query_offsets.astype(np.int64),
-        max_label=int(labels.max()) if max_label is None else max_label,
+        query_offsets=offsets,
+        # At least 1: a file whose labels are all 0 would give 2^0 - 1 = 0 in the click mapping's
+        # denominator (from_impressions does the same).
+        max_label=max(1, int(labels.max())) if max_label is None else max_label,
         feature_names=[f"f{j + 1}" for j in range(feats.shape[1])],
     )
 
