@@ -139,3 +139,78 @@ def test_history_errors_are_explained():
     raw["model"]["history"] = {"enabled": True, "action_column": "stars"}
     with pytest.raises(ValueError, match="stars"):
         build_retrieval_data(parse_config(raw))
+
+
+def test_positions_with_timestamps_count_only_strictly_earlier_events():
+    # User 1's events at times 10, 20, 20, 30: the two events of second 20 are not before each other.
+    users, times = torch.tensor([1, 0, 1, 1, 2, 1]), torch.tensor([10, 5, 20, 20, 7, 30])
+    assert history_positions(users, 4).tolist() == [0, 0, 1, 2, 0, 3]  # log order alone
+    assert history_positions(users, 4, times).tolist() == [0, 0, 1, 1, 0, 3]
+    with pytest.raises(ValueError, match="timestamps"):
+        history_positions(users, 4, times[:3])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_an_event_at_or_after_the_end_never_changes_the_row(pooling):
+    enc = _encoder(pooling, max_len=5)
+    users, end = torch.tensor([1, 1, 1]), torch.tensor([0, 1, 2])  # user 1's events: 5, 4, 6
+    before = enc(users, end=end)
+    enc.items[enc.indptr[1] + 2] = 0  # rewrite the last event: no row sees it
+    torch.testing.assert_close(enc(users, end=end), before)
+    enc.items[enc.indptr[1] + 1] = 0  # rewrite the second: only the row with end 2 sees it
+    after = enc(users, end=end)
+    torch.testing.assert_close(after[:2], before[:2])
+    assert not torch.allclose(after[2], before[2])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_left_right_and_no_padding_give_one_result(pooling):
+    enc = _encoder(pooling, max_len=6)
+    seq = torch.tensor([5, 4, 6])
+    ids, valid, recency, _ = enc.event_rows([seq])  # right padding, the stored layout
+    left = (
+        torch.tensor([[0, 0, 0, 5, 4, 6]]),
+        torch.tensor([[False, False, False, True, True, True]]),
+        torch.tensor([[0, 0, 0, 2, 1, 0]]),
+    )
+    unpadded = (seq[None], torch.ones(1, 3, dtype=torch.bool), torch.tensor([[2, 1, 0]]))
+    with torch.no_grad():
+        want = enc.encode(*unpadded)
+        torch.testing.assert_close(enc.encode(ids, valid, recency), want)
+        torch.testing.assert_close(enc.encode(*left), want)
+        torch.testing.assert_close(enc(torch.tensor([1])), want)  # the stored history, same events
+
+
+def test_a_history_longer_than_max_len_keeps_the_most_recent_events():
+    enc = _encoder("attention", max_len=2)
+    positions, valid, recency = enc.padded(torch.tensor([1]))  # user 1: 5, 4, 6
+    assert enc.items[positions].tolist() == [[4, 6]] and recency.tolist() == [[1, 0]] and bool(valid.all())
+    ids, _, rec, _ = enc.event_rows([torch.tensor([5, 4, 6])])
+    assert ids.tolist() == [[4, 6]] and rec.tolist() == [[1, 0]]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_empty_and_fully_excluded_histories_are_zero_with_finite_gradients(pooling):
+    enc = _encoder(pooling, max_len=3).train()
+    # user 3 has no events, user 0's only event (3) is excluded, user 1 keeps events: one batch.
+    out = enc(torch.tensor([3, 0, 1]), exclude=torch.tensor([-1, 3, -1]))
+    assert torch.all(out[:2] == 0) and bool(out[2].abs().sum() > 0)
+    out.square().sum().backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is None or bool(torch.isfinite(p.grad).all()), name
+
+
+def test_attention_dropout_is_off_in_eval_and_on_in_training():
+    cfg = HistoryConfig(enabled=True, pooling="attention", max_len=3, item_feature=None, dropout=0.5)
+    indptr, items, _ = history_csr(USERS, ITEMS, 4)
+    torch.manual_seed(0)
+    enc = HistoryEncoder(cfg, indptr, items, None, num_items=7, dim=4, own_table=True)
+    users = torch.tensor([0, 1, 2])
+    enc.eval()
+    with_grad = enc(users)
+    with torch.no_grad():  # the inference fast path computes the same thing
+        torch.testing.assert_close(enc(users), with_grad)
+        torch.testing.assert_close(enc(users), with_grad)
+    enc.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(enc(users), with_grad)

@@ -109,3 +109,85 @@ def test_mismatched_tower_widths_are_explained():
     cfg = ModelConfig.model_validate({"user_tower": {"embedding_dim": 8}, "item_tower": {"embedding_dim": 6}})
     with pytest.raises(ValueError, match="same size"):
         TwoTowerModel(cfg, users, items, {"user_id": torch.tensor([1, 2])}, {"item_id": torch.tensor([1, 2])})
+
+
+def test_temperature_is_applied_once_in_training_and_in_scoring():
+    torch.manual_seed(0)
+    model = _model(layers=(8,))  # cosine, temperature 0.2
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([0, 3, 5])
+    cos = model.user_embeddings(users) @ model.item_embeddings(items).T
+    model.eval()
+    loss = model.compute_loss({"user_idx": users, "item_idx": items})
+    expected = torch.nn.functional.cross_entropy(cos / 0.2, torch.arange(3))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    ids, scores = model.recommend(users, k=6)
+    full = model.user_embeddings(users) @ model.item_embeddings().T
+    torch.testing.assert_close(scores, full.gather(1, ids) / 0.2)
+    assert float(scores.abs().max()) <= 1 / 0.2 + 1e-4  # cosine / T, not / T^2
+
+
+def test_recommend_runs_in_eval_mode_and_restores_training_mode():
+    users = [FieldInfo("user_id", "categorical", 4, None)]
+    items = [FieldInfo("item_id", "categorical", 6, None)]
+    cfg = ModelConfig.model_validate(
+        {
+            "user_tower": {"embedding_dim": 8, "layers": [16, 8], "dropout": 0.5},
+            "item_tower": {"embedding_dim": 8, "layers": [16, 8], "dropout": 0.5},
+        }
+    )
+    torch.manual_seed(0)
+    model = TwoTowerModel(
+        cfg, users, items, {"user_id": torch.tensor([1, 2, 3, 0])}, {"item_id": torch.arange(6)}
+    )
+    model.eval()
+    want = model.recommend(torch.arange(4), k=3)
+    model.train()
+    got = model.recommend(torch.arange(4), k=3)
+    assert model.training and model.user_tower.training
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_repeated_ids_in_a_batch_give_the_general_path_loss():
+    torch.manual_seed(0)
+    model = _model(layers=(8,))
+    batch = {"user_idx": torch.tensor([0, 1, 1, 2]), "item_idx": torch.tensor([4, 4, 2, 2])}
+    assert model._distinct_ok()
+    fast = model.compute_loss(batch)
+    general = RetrievalTask(temperature=0.2, fused=False)
+    query = model.user_tower(model.user_features(batch["user_idx"]))
+    cand = model.item_tower(model.item_features(batch["item_idx"]))
+    assert fast.item() == pytest.approx(general(query, cand, batch["item_idx"]).item(), rel=1e-5)
+
+
+def test_training_rows_see_only_the_history_before_them():
+    from twotower.history import history_csr, history_positions
+
+    users = [FieldInfo("user_id", "categorical", 3, None)]
+    items = [FieldInfo("item_id", "categorical", 6, None)]
+    cfg = ModelConfig.model_validate(
+        {
+            "user_tower": {"embedding_dim": 4, "layers": [8]},
+            "item_tower": {"embedding_dim": 8, "layers": [8]},
+            "history": {"enabled": True, "max_len": 4},
+        }
+    )
+    log_users, log_items = torch.tensor([0, 1, 0, 0, 1]), torch.tensor([1, 2, 3, 4, 5])
+    torch.manual_seed(0)
+    model = TwoTowerModel(
+        cfg,
+        users,
+        items,
+        {"user_id": torch.tensor([1, 2, 0])},
+        {"item_id": torch.arange(6)},
+        history=history_csr(log_users, log_items, 3),
+    )
+    batch = {"user_idx": log_users, "item_idx": log_items, "history_end": history_positions(log_users, 3)}
+    with pytest.raises(KeyError, match="history_end"):
+        model.compute_loss({"user_idx": log_users, "item_idx": log_items})
+    loss = model.compute_loss(batch)
+    served = model.user_embeddings(torch.tensor([0]))
+    # The user's last event (item 4) is nobody's history in training: changing it changes no query ...
+    model.history.items[2] = 0
+    assert model.compute_loss(batch).item() == pytest.approx(loss.item(), rel=1e-6)
+    # ... but scoring uses the whole history.
+    assert not torch.allclose(model.user_embeddings(torch.tensor([0])), served)

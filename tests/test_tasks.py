@@ -189,3 +189,69 @@ def test_impressed_not_clicked_negatives_from_a_clicked_column(tmp_path):
     no_impressions["task"] = {"negatives": {"impressions": 2}}
     with pytest.raises(ValueError, match="clicked"):
         train_run(parse_config(no_impressions), tmp_path / "x", progress=False)
+
+
+def test_pointwise_bce_one_to_two_with_per_row_negatives_by_hand():
+    table = torch.nn.functional.normalize(
+        torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    query, pos_ids = table[[1, 2, 3]], torch.tensor([0, 1, 2])
+    task = RetrievalTask(
+        temperature=0.5,
+        objective="pointwise_bce",
+        in_batch=False,
+        sampler=UniformSampler(5),
+        num_sampled=2,
+        shared=False,
+    )
+    torch.manual_seed(3)
+    loss = task(query, table[pos_ids], pos_ids, embed_items=lambda ids: table[ids])
+    torch.manual_seed(3)
+    drawn = torch.randint(0, 5, (6,)).view(3, 2)  # the uniform sampler's draws, two per row
+    expected = 0.0
+    for row in range(3):
+        z_pos = float(query[row] @ table[pos_ids[row]]) / 0.5
+        z_negs = [float(query[row] @ table[j]) / 0.5 for j in drawn[row] if j != pos_ids[row]]
+        expected += sp(-z_pos) + sum(sp(z) for z in z_negs)  # 1 : 2 (accidental hits removed)
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["softmax", "pointwise_bce", "pointwise_mse", "hinge", "logistic"])
+def test_a_repeated_positive_is_never_its_own_negative(objective):
+    # Rows 0 and 1 share item 5: each row's only in-batch negative is then the other row's item 9.
+    q, c = (
+        torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]),
+        torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]),
+    )
+    ids = torch.tensor([5, 5, 9])
+    task = RetrievalTask(temperature=0.5, objective=objective, margin=0.5)
+    got = task(q, c, ids).item()
+    sims = q @ c.T
+    keep = torch.tensor([[False, False, True], [False, False, True], [True, True, False]])
+    from twotower import losses
+
+    neg = sims.masked_fill(~keep, 0.0)
+    scale = 1.0 if objective in ("hinge", "pointwise_mse") else 0.5
+    kwargs = {"margin": 0.5} if objective == "hinge" else {}
+    want = losses.LOSSES[objective](sims.diagonal() / scale, neg / scale, neg_mask=keep, **kwargs)
+    assert got == pytest.approx(want.item(), rel=1e-6)
+    assert RetrievalTask(temperature=0.5, objective=objective, margin=0.5, fused=False)(q, c, ids).item() == (
+        pytest.approx(got, rel=1e-6)
+    )
+
+
+@pytest.mark.parametrize("objective", ["softmax", "pointwise_bce", "pointwise_mse", "hinge", "logistic"])
+def test_a_batch_of_one_has_no_in_batch_negative(objective):
+    q, c = torch.tensor([[0.6, 0.8]]), torch.tensor([[1.0, 0.0]])
+    loss = RetrievalTask(temperature=0.5, objective=objective)(q, c, torch.tensor([3]))
+    only_positive = {"pointwise_bce": sp(-0.6 / 0.5), "pointwise_mse": (0.6 - 1) ** 2}
+    assert loss.item() == pytest.approx(only_positive.get(objective, 0.0), rel=1e-6, abs=1e-7)
+
+
+def test_hinge_is_on_the_similarity_scale_and_logistic_on_the_logits():
+    hinge = [
+        RetrievalTask(temperature=t, objective="hinge", margin=0.5)(Q, C, IDS).item() for t in (0.1, 1.0)
+    ]
+    assert hinge[0] == hinge[1]
+    logistic = [RetrievalTask(temperature=t, objective="logistic")(Q, C, IDS).item() for t in (0.1, 1.0)]
+    assert logistic[0] != pytest.approx(logistic[1])

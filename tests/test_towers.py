@@ -71,3 +71,42 @@ def test_bf16_precision_runs_the_mlp_in_bfloat16_and_returns_float32():
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)  # ... to bfloat16 accuracy
     got.square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in bf16.mlp.parameters())
+
+
+def test_multi_hot_mean_ignores_padding_and_an_empty_bag_is_zero():
+    bag = _tower(False).multi_hot["genres"]
+    rows = bag(torch.tensor([[3, 7, 0, 0], [0, 3, 0, 7], [0, 0, 0, 0]]))
+    torch.testing.assert_close(rows[0], (bag.weight[3] + bag.weight[7]) / 2)
+    torch.testing.assert_close(rows[1], rows[0])  # where the padding sits does not matter
+    assert torch.all(rows[2] == 0)
+    torch.testing.assert_close(bag(torch.tensor([[3, 7]])), rows[:1])  # nor how much of it there is
+
+
+def test_dropout_is_on_in_training_off_in_eval_and_a_batch_of_one_works():
+    torch.manual_seed(0)
+    tower = Tower(FIELDS, TowerConfig(embedding_dim=8, layers=[16, 8], dropout=0.5))
+    batch = _batch()
+    tower.eval()
+    first = tower(batch)
+    torch.testing.assert_close(tower(batch), first)
+    one = tower({k: v[:1] for k, v in batch.items()})
+    assert one.shape == (1, 8)
+    torch.testing.assert_close(one, first[:1])
+    tower.train()
+    assert not torch.allclose(tower(batch), first)
+
+
+def test_normalised_output_is_unit_length_and_a_zero_vector_stays_finite():
+    torch.manual_seed(0)
+    tower = Tower(FIELDS[1:2], TowerConfig(embedding_dim=4, normalize=True))  # genres alone, no MLP
+    out = tower({"genres": torch.tensor([[3, 0, 0, 0], [0, 0, 0, 0]])})
+    torch.testing.assert_close(out[0].norm(), torch.tensor(1.0))
+    assert torch.all(out[1] == 0)  # an empty bag: the zero vector, not NaN
+    (out @ out.T).sum().backward()
+    assert bool(torch.isfinite(tower.multi_hot["genres"].weight.grad).all())
+
+
+def test_a_seed_fixes_the_initial_tower():
+    a, b = _tower(False), _tower(False)
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(x, y), name

@@ -65,14 +65,30 @@ def history_csr(
     return indptr, item_idx.long()[order], None if actions is None else actions.long()[order]
 
 
-def history_positions(user_idx: Tensor, num_users: int) -> Tensor:
-    """For each row of a log, how many rows of the same user come before it (its ``history_end``)."""
+def history_positions(user_idx: Tensor, num_users: int, timestamps: Tensor | None = None) -> Tensor:
+    """For each row of a log, how many rows of the same user come before it (its ``history_end``).
+
+    With ``timestamps`` (of a chronological log, the order :func:`history_csr` keeps), rows of a user
+    that share a timestamp do not count as before one another: only events strictly earlier in time
+    do. Without them, the log order alone decides, so of two events in the same second the one listed
+    first is in the other's history.
+    """
     user_idx = user_idx.long()
     order = torch.sort(user_idx, stable=True).indices
     counts = torch.bincount(user_idx, minlength=num_users)
     starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(user_idx), device=user_idx.device)
+    if timestamps is not None:
+        if len(timestamps) != len(user_idx):
+            raise ValueError(f"{len(timestamps)} timestamps for {len(user_idx)} rows")
+        # A tie keeps the position of the first row of its (user, timestamp) run: the running maximum
+        # of the indices where a run starts.
+        users, times = user_idx[order], timestamps.to(user_idx.device)[order]
+        new_run = torch.ones_like(users, dtype=torch.bool)
+        new_run[1:] = (users[1:] != users[:-1]) | (times[1:] != times[:-1])
+        rank = torch.cummax(torch.where(new_run, rank, 0), dim=0).values
     position = torch.empty_like(user_idx)
-    position[order] = torch.arange(len(user_idx)) - starts[user_idx[order]]
+    position[order] = rank - starts[user_idx[order]]
     return position
 
 
