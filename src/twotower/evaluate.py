@@ -41,7 +41,7 @@ from twotower.data.splits import random_split, stratified_split, temporal_split
 from twotower.metrics import METRICS, compute_metrics
 from twotower.topk import CSR, topk_items
 
-__all__ = ["PROTOCOLS", "Protocol", "evaluate_embeddings", "split_for"]
+__all__ = ["PROTOCOLS", "Protocol", "evaluate_embeddings", "result_keys", "split_for"]
 
 _RANKING_KEY = re.compile(r"^([a-z]+)@(\d+)$")
 _ACCURACY_KEY = re.compile(r"^top(\d+)_accuracy$")
@@ -117,7 +117,7 @@ def split_for(protocol_name: str, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Da
     raise KeyError(f"unknown protocol {protocol_name!r}; known: {sorted(PROTOCOLS)}")
 
 
-def _result_keys(protocol: Protocol, ks: tuple[int, ...] | None) -> list[tuple[str, str, int]]:
+def result_keys(protocol: Protocol, ks: tuple[int, ...] | None) -> list[tuple[str, str, int]]:
     """(result key, metric name, cut-off) triples: the protocol's own keys, or its metric names
     crossed with the caller's cut-offs when ``ks`` is given."""
     parsed = [(key, *_parse_key(key, protocol.per_rating_queries)) for key in protocol.metrics]
@@ -182,7 +182,7 @@ def evaluate_embeddings(
         raise ValueError("test_users and test_items differ in length")
     _check_range(test_users, n_users, "test_users")
     _check_range(test_items, n_items, "test_items")
-    keys = _result_keys(protocol, ks)
+    keys = result_keys(protocol, ks)
     depth = max(k for _, _, k in keys)
 
     # Each distinct test user is ranked once, however many test rows (or per-rating queries) it has.

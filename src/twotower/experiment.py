@@ -33,7 +33,7 @@ from twotower import __version__, distributed
 from twotower.config import ConfigError, RunConfig, config_to_dict, load_config, save_config
 from twotower.data.dataset import Interactions, RetrievalData, build_retrieval_data, iterate_batches
 from twotower.data.prefetch import prefetched
-from twotower.evaluate import PROTOCOLS, _result_keys, evaluate_embeddings  # the validation metric names
+from twotower.evaluate import PROTOCOLS, evaluate_embeddings, result_keys
 from twotower.history import history_csr
 from twotower.retrieval import TwoTowerModel
 from twotower.storage import save_tensors, write_json, write_parquet
@@ -218,7 +218,7 @@ def _check_early_stopping(config: RunConfig, data: RetrievalData) -> None:
             "of its own; set train.valid_fraction > 0"
         )
     ks = tuple(config.eval.ks) if config.eval.ks else None
-    known = [key for key, _, _ in _result_keys(PROTOCOLS[config.eval.protocol], ks)]
+    known = [key for key, _, _ in result_keys(PROTOCOLS[config.eval.protocol], ks)]
     if stopping.metric not in known:
         raise ConfigError(f"train.early_stopping.metric {stopping.metric!r} is not one of {known}")
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from twotower.align import Teacher
 from twotower.funnel_metrics import rank_correlation, ranker_topk_recall, served_ndcg
+from twotower.pipeline import stage_sizes
 from twotower.reranker import RunRanker
 from twotower.retrieval import TwoTowerModel
 
@@ -70,14 +71,6 @@ class FunnelLists:
     served: Tensor
 
 
-def _stage_sizes(config: FunnelConfig, has_light: bool) -> tuple[int, int]:
-    """``(retrieved, kept by the light ranker)`` as ``Pipeline.recommend`` sizes them: retrieval fetches
-    enough for every later stage and the light ranker never hands the main one fewer than ``k``, so a
-    ``k`` above ``light_n`` or ``retrieve_n`` still serves ``k`` items (catalogue permitting)."""
-    light_keep = max(config.light_n, config.k)
-    return max(config.retrieve_n, config.k, light_keep if has_light else 0), light_keep
-
-
 def _reorder(ranker: RunRanker, teacher: Teacher, users: Tensor, items: Tensor, keep: int) -> Tensor:
     """``items [U, n]`` re-sorted by the ranker's relevance on the teacher's features, first ``keep``.
 
@@ -105,7 +98,7 @@ def run_funnel(
     """Serve ``users`` (all by default). ``retrieval`` is a model, or a precomputed candidate list
     ``[U, >= retrieve_n]`` (e.g. an oracle's)."""
     users = torch.arange(len(teacher.user_emb)) if users is None else users
-    fetch, light_keep = _stage_sizes(config, light is not None)
+    fetch, light_keep = stage_sizes(config.k, config.retrieve_n, config.light_n, light is not None, True)
     if isinstance(retrieval, TwoTowerModel):
         retrieval.eval()
         query = retrieval.user_embeddings(users) / retrieval.config.temperature

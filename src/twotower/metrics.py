@@ -58,34 +58,30 @@ def hit_matrix(topk_ids: Tensor, relevant: CSR) -> Tensor:
     if relevant.n_rows != n_q:
         raise ValueError(f"relevant has {relevant.n_rows} rows but topk_ids has {n_q}")
     device = topk_ids.device
+    relevant = _canonical(relevant)
     indptr, indices = relevant.indptr.to(device), relevant.indices.to(device)
     if indices.numel() == 0 or topk_ids.numel() == 0:
         return torch.zeros((n_q, n_k), dtype=torch.bool, device=device)
     width = max(int(indices.max()), int(topk_ids.max())) + 1
     rows = torch.repeat_interleave(torch.arange(n_q, device=device), indptr.diff())
-    rel_keys = rows * width + indices
-    if rel_keys.numel() > 1 and not bool((rel_keys[1:] > rel_keys[:-1]).all()):
-        # A hand-built CSR may hold unsorted or duplicated rows; normalise rather than mis-answer.
-        rel_keys = torch.unique(rel_keys, sorted=True)
+    rel_keys = rows * width + indices  # sorted and unique: the CSR is canonical
     ids = topk_ids.long()
     keys = torch.arange(n_q, device=device).unsqueeze(1) * width + ids.clamp(min=0)
     pos = torch.searchsorted(rel_keys, keys).clamp(max=rel_keys.numel() - 1)
     return (rel_keys[pos] == keys) & (ids >= 0)
 
 
-def _n_relevant(relevant: CSR) -> Tensor:
-    """float64[Q]: distinct relevant items per row (a hand-built CSR may repeat one, as hit_matrix
-    allows); the row lengths themselves for a CSR from :meth:`CSR.from_pairs`."""
-    lengths = relevant.indptr.diff()
+def _canonical(relevant: CSR) -> CSR:
+    """``relevant`` with every row's items sorted and unique, as :meth:`CSR.from_pairs` builds it. A
+    hand-built CSR may repeat an item or list it out of order: normalised once here, for the hits and
+    for R (the row lengths) alike, rather than mis-answered."""
     indices = relevant.indices
     if indices.numel() < 2:
-        return lengths.double()
-    width = int(indices.max()) + 1
-    keys = torch.repeat_interleave(torch.arange(relevant.n_rows, device=indices.device), lengths) * width
-    keys = keys + indices
-    if bool((keys[1:] > keys[:-1]).all()):
-        return lengths.double()
-    return torch.bincount(torch.unique(keys) // width, minlength=relevant.n_rows).double()
+        return relevant
+    rows = torch.repeat_interleave(torch.arange(relevant.n_rows, device=indices.device), relevant.lengths())
+    if bool(((indices[1:] > indices[:-1]) | (rows[1:] != rows[:-1])).all()):
+        return relevant
+    return CSR.from_pairs(rows, indices, relevant.n_rows)
 
 
 def _pad(hits: Tensor, k: int) -> Tensor:
@@ -148,8 +144,9 @@ METRICS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
 def _per_query(name: str, topk_ids: Tensor, relevant: CSR, k: int) -> Tensor:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    relevant = _canonical(relevant)
     hits = _pad(hit_matrix(topk_ids, relevant), k)
-    n_rel = _n_relevant(relevant).to(hits.device)
+    n_rel = relevant.lengths().to(hits.device).double()
     return METRICS[name](hits, n_rel, k)
 
 
@@ -201,8 +198,9 @@ def compute_metrics(
     ks = tuple(ks)
     if any(k < 1 for k in ks):
         raise ValueError(f"cut-offs must be >= 1, got {ks}")
+    relevant = _canonical(relevant)
     hits_full = hit_matrix(topk_ids, relevant)  # computed once and sliced per cut-off
-    n_rel = _n_relevant(relevant).to(hits_full.device)
+    n_rel = relevant.lengths().to(hits_full.device).double()
     keep = n_rel > 0
     out: dict[str, float] = {}
     for k in ks:

@@ -33,10 +33,23 @@ from twotower.export import ExportedRun
 from twotower.features import IdFeature
 from twotower.ids import IdLookup
 
-__all__ = ["Pipeline", "RecommendRequest", "RecommendResponse", "RequestError"]
+__all__ = ["Pipeline", "RecommendRequest", "RecommendResponse", "RequestError", "stage_sizes"]
 
 MAX_K = 1000
 Value = str | int | float | bool | None
+
+
+def stage_sizes(k: int, retrieve_n: int, light_n: int, light: bool, main: bool) -> tuple[int, int]:
+    """``(candidates to retrieve, candidates the light ranker keeps)`` for a request of ``k`` items.
+
+    Retrieval fetches enough for every stage that follows (``retrieve_n`` when a ranker re-orders, and
+    at least what the light ranker keeps); the light ranker hands the main one its best ``light_n``,
+    never fewer than ``k`` (and ``k`` when it is the last stage). :func:`twotower.funnel.run_funnel`
+    sizes its stages with this too."""
+    light_keep = max(light_n, k) if main else k
+    if not (light or main):
+        return k, light_keep
+    return max(k, retrieve_n, light_keep if light else 0), light_keep
 
 
 class RequestError(ValueError):
@@ -221,12 +234,8 @@ class Pipeline:
         excluded += self.item_indices(request.exclude_items)[0]
         light = exported.light_ranker if request.rerank else None
         main = exported.ranker if request.rerank else None
-        # Retrieve enough for the stages that follow: each keeps its share, the last one k.
-        n = request.k
-        if main is not None:
-            n = max(n, self.light_n if light is not None else self.retrieve_n)
-        if light is not None:
-            n = max(n, self.retrieve_n)
+        has_light, has_main = light is not None, main is not None
+        n, light_keep = stage_sizes(request.k, self.retrieve_n, self.light_n, has_light, has_main)
         allowed = self._allowed(request.filters)
         # Dividing the query (not the scores) by the temperature is what training does: the scores
         # are then bit-for-bit the trained model's, and the order is the inner product's.
@@ -240,8 +249,6 @@ class Pipeline:
         ids, retrieval = ids[0][keep], retrieval[0][keep]
         scores: dict[str, np.ndarray] = {"retrieval": retrieval}
         order = np.arange(len(ids))
-        # The light ranker hands the main one its best light_n, but never fewer than the k asked for.
-        light_keep = max(self.light_n, request.k) if main is not None else request.k
         for name, ranker, keep_n in (("light", light, light_keep), ("rank", main, request.k)):
             if ranker is None or not len(order):
                 continue

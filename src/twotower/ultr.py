@@ -252,7 +252,7 @@ def refit_bias(model: DebiasedRanker, data: RankingData, log: ClickLog, clicks: 
     """Fit the bias tower alone to the optimum of the click likelihood of ``log``'s sessions with
     ``clicks`` ([S, N], rates in [0, 1]), the relevance tower frozen and evaluated once in eval mode
     (:meth:`DebiasedRanker.fit_bias`). The adversary, if any, is not involved (``r`` is fixed)."""
-    if model.bias is None:
+    if model.bias is None:  # checked by fit_bias too, but before the relevance pass below
         raise ValueError("this ranker has no bias tower (combination='none')")
     model.eval()
     batch = _session_batch(data, log)
