@@ -15,7 +15,10 @@ a. main: every method in twotower.ultr.METHODS x {position-based (pbm), cascade}
    (2000 users x 40 candidates each, two devices) and on MovieLens 100K (users as queries, rated movies
    as documents, rating - 1 as the label), logged by a linear production ranker fitted on 1 % of the
    training queries' true labels (the ULTRA protocol), top 10 shown, 10 sessions per query, 5 % RandTop-N
-   sessions, clicks redrawn every epoch. Metrics against the TRUE labels of held-out queries (20 %).
+   sessions, clicks redrawn every epoch. Metrics against the TRUE labels of held-out queries (20 %);
+   click log-likelihood and AUC on a held-out click log of those queries, logged by the same ranker.
+   (Rows measured before 2026-11-24 16:30 UTC logged the held-out clicks with a ranker fitted on 1 % of
+   the held-out queries' labels; only their click_loglik / click_auc depend on it.)
 b. sweep: synthetic world, pbm, logging score w * y + (1 - w) * U(0, 4) for w in {0, .25, .5, .75, 1}.
 c. curves: the examination curve learned by each two-tower method under pbm (synthetic world, mean over
    seeds) against the simulator's, per device, relative to rank 1 (from part a's runs).
@@ -96,7 +99,10 @@ def run_cell(data: RankingData, config: UltrConfig, methods, seeds, label: str) 
         train, test = train.standardized(mean, std), test.standardized(mean, std)
         sim = config.simulation
         log = simulate_click_log(train, logging_scores(train, sim.logging, seed), sim, seed)
-        test_log = simulate_click_log(test, logging_scores(test, sim.logging, seed + 100), sim, seed + 100,
+        # The held-out clicks are logged by the same production ranker (fitted on 1 % of the training
+        # queries' labels, as in ULTRA); only their sessions and clicks are new draws.
+        test_scores = logging_scores(test, sim.logging, seed, fitted_on=train)
+        test_log = simulate_click_log(test, test_scores, sim, seed + 100,
                                       sessions_per_query=config.test_sessions_per_query)  # fmt: skip
         truth = ClickModel(sim.click_model, data.max_label, sim.top_n).curves
         truth = truth if sim.click_model.model == "pbm" else None

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -96,6 +98,25 @@ def test_one_percent_of_few_queries_still_labels_one_query():
     data = _planted(num_queries=30)
     scores = logging_scores(data, LoggingPolicyConfig(kind="production", label_share=0.01), seed=0)
     assert np.isfinite(scores).all() and np.corrcoef(scores, data.labels)[0, 1] > 0.8
+
+
+def test_held_out_queries_are_scored_by_the_ranker_fitted_on_training_queries():
+    data = _planted(num_queries=200)
+    train, test = data.split(0.5, seed=0)
+    cfg = LoggingPolicyConfig(kind="production", label_share=0.05)
+    on_train = logging_scores(train, cfg, seed=0)
+    assert np.array_equal(logging_scores(train, cfg, seed=0, fitted_on=train), on_train)
+    # another set of documents is scored by those same weights: here, three training queries alone
+    few = train.subset(np.array([0, 1, 2]))
+    np.testing.assert_allclose(
+        logging_scores(few, cfg, seed=0, fitted_on=train), on_train[: train.query_offsets[3]], rtol=1e-10
+    )
+    scored = logging_scores(test, cfg, seed=0, fitted_on=train)
+    # ... which differs from a ranker fitted on held-out labels
+    assert not np.allclose(scored, logging_scores(test, cfg, seed=0))
+    assert np.corrcoef(scored, test.labels)[0, 1] > 0.8
+    with pytest.raises(ValueError, match="features"):
+        logging_scores(replace(test, features=test.features[:, :1]), cfg, seed=0, fitted_on=train)
 
 
 def test_queries_shorter_than_top_n_leave_empty_slots_unclicked():

@@ -108,6 +108,24 @@ def test_training_rows_are_chronological_with_their_weights_and_history_position
     assert data.valid.weight.tolist() == [5.0, 3.0] and data.test.weight.tolist() == [4.0, 9.0]
 
 
+def test_events_of_the_same_second_are_not_in_each_others_training_history(tmp_path):
+    # erin rates 1 at ts 5, then 3, 2 and 4 within one second (ts 9), then 5, 6 (valid) and 7 (test):
+    # the tied events all see only item 1; by log order alone 3 would be in 2's history, 2 in 4's.
+    log = "user,movie,ts\nerin,3,9\nerin,1,5\nerin,7,20\nerin,2,9\nerin,5,12\nerin,4,9\nerin,6,15\n"
+    (tmp_path / "tied.csv").write_text(log)
+    config = RunConfig.model_validate(
+        {
+            "data": {"source": "files", "interactions": str(tmp_path / "tied.csv"),
+                     "columns": {"user": "user", "item": "movie", "timestamp": "ts"}},
+            "eval": {"protocol": "temporal"},
+        }
+    )  # fmt: skip
+    data = build_retrieval_data(config)
+    rows = _pairs(data, data.train)
+    assert rows == [("erin", 1), ("erin", 3), ("erin", 2), ("erin", 4), ("erin", 5)]  # stable by time
+    assert data.train.history_end.tolist() == [0, 1, 1, 1, 4]
+
+
 def test_id_vocabularies_come_from_training_rows_so_test_only_ids_are_oov(data):
     assert data.user_encoder.vocabulary("user_id") == ["alice", "bob", "carol"]
     assert data.item_encoder.vocabulary("item_id") == [10, 11, 12]

@@ -190,3 +190,39 @@ def test_unusable_early_stopping_is_an_error_before_training(tmp_path):
     with pytest.raises(ConfigError, match="needs a validation split"):
         train_run(config, tmp_path / "b", progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_relative_data_paths_are_saved_absolute_so_the_run_works_from_anywhere(tmp_path, monkeypatch):
+    import numpy as np
+    import yaml
+
+    from twotower.config import RunConfig
+    from twotower.recommender import evaluate_run
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    rows = [f"u{u},i{rng.integers(20)},{t}" for u in range(30) for t in range(8)]
+    (tmp_path / "data" / "log.csv").write_text("user_id,item_id,ts\n" + "\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig.model_validate(
+        {
+            "data": {"source": "files", "interactions": "data/log.csv", "columns": {"timestamp": "ts"}},
+            "train": {"epochs": 1, "batch_size": 64},
+            "eval": {"protocol": "temporal"},
+        }
+    )
+    metrics = train_run(config, "run", progress=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["interactions"] == str(tmp_path / "data" / "log.csv")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # `twotower evaluate ../run` from another directory
+    assert evaluate_run(tmp_path / "run")["ndcg@10"] == pytest.approx(metrics["ndcg@10"])
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="twotower"):
+        train_run(tiny_config(epochs=1), tmp_path / "run", resume=True, progress=False)
+    assert "no checkpoint to resume from" in caplog.text

@@ -107,6 +107,37 @@ def test_resolve_export_errors(tmp_path):
         load_export(tmp_path)
 
 
+def test_a_runs_stale_export_is_exported_again_with_its_index(runs, tmp_path):
+    from twotower.export import stale_export_reason
+    from twotower.storage import load_tensors, save_tensors
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["plain"], run_dir)
+    shutil.rmtree(run_dir / "export", ignore_errors=True)
+    export_run(run_dir, index=IndexConfig(backend="faiss-flat"))
+    created = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert stale_export_reason(run_dir, run_dir / "export") is None
+    assert resolve_export(run_dir) == run_dir / "export"
+    assert json.loads((run_dir / "export" / "manifest.json").read_text()) == created  # not rebuilt
+    # asking for another index than the one built is a reason to rebuild
+    assert "index" in stale_export_reason(run_dir, run_dir / "export", IndexConfig(backend="exact"))
+    # a ranker trained (or removed) after the export makes it stale
+    (run_dir / "ranker").mkdir()
+    assert "ranker was trained" in stale_export_reason(run_dir, run_dir / "export")
+    (run_dir / "ranker").rmdir()
+    # new retrieval weights: the next resolve exports again, with the export's own index backend
+    weights = load_tensors(run_dir / "model.safetensors")
+    name = next(k for k in weights if "item" in k and weights[k].is_floating_point())
+    weights[name] = weights[name] + 0.5
+    save_tensors(run_dir / "model.safetensors", weights)
+    assert stale_export_reason(run_dir, run_dir / "export") == "the retrieval weights changed"
+    fresh = json.loads((resolve_export(run_dir) / "manifest.json").read_text())
+    assert fresh["retrieval_sha256"] != created["retrieval_sha256"]
+    assert fresh["index"]["backend"] == "faiss-flat"
+    exported = load_export(run_dir / "export")
+    assert torch.equal(exported.item_embeddings, Retriever.load(run_dir).model.item_embeddings())
+
+
 def test_onnx_export_matches_pytorch(runs, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -295,3 +295,12 @@ def test_transform_of_list_cells_in_a_categorical_raises_the_fit_error() -> None
         enc.transform(pd.DataFrame({"u": [["a"], "b"]}))
     with pytest.raises(ValueError, match="holds unhashable values"):
         FeatureEncoder([IdFeature(name="u")]).fit(pd.DataFrame({"u": [["a"], "b"]}))
+
+
+def test_list_cells_in_a_hashed_id_column_raise_the_same_clear_error() -> None:
+    from twotower.features import HashedIdFeature
+
+    enc = FeatureEncoder([HashedIdFeature(name="u", num_buckets=16)]).fit(pd.DataFrame({"u": [1, 2]}))
+    with pytest.raises(ValueError, match="feature 'u' \\(column 'u'\\) holds unhashable values"):
+        enc.transform(pd.DataFrame({"u": [[1, 2], "a"]}))
+    assert enc.transform(pd.DataFrame({"u": ["a", None]}))["u"].tolist()[1] == 0  # still fine otherwise

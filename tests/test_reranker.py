@@ -19,6 +19,7 @@ import yaml
 from twotower.data.synthetic import SyntheticWorld
 from twotower.demo import demo_config
 from twotower.experiment import train_run
+from twotower.export import export_run, load_export, resolve_export, stale_export_reason
 from twotower.recommender import Retriever
 from twotower.reranker import (
     RankerFormatError,
@@ -197,6 +198,7 @@ def test_train_run_ranker_counts_dropped_ids_saves_and_replaces(planted, tmp_pat
     run_dir = tmp_path / "run"
     shutil.copytree(planted.run_dir, run_dir, ignore=shutil.ignore_patterns("checkpoints", "ranker"))
     assert RunRanker.load(run_dir) is None  # a run without a ranker
+    export_run(run_dir)  # served before the ranker existed
     path = _hand_made(
         tmp_path / "log.csv",
         [
@@ -217,9 +219,13 @@ def test_train_run_ranker_counts_dropped_ids_saves_and_replaces(planted, tmp_pat
     first = RunRanker.load(run_dir)
     assert first is not None and first.context_vocabulary == ["desktop", "tablet"]
     assert first.summary["masked_unknown_item"] == 3
+    # The export from before the ranker is stale: serving exports the run again, ranker included.
+    assert "ranker was trained" in stale_export_reason(run_dir, run_dir / "export")
+    assert load_export(resolve_export(run_dir)).ranker is not None
     # Training again replaces the ranker whole and leaves no staging directory behind.
     train_run_ranker(run_dir, path, _config(epochs=1, seed=1))
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith((".ranker", "ranker"))) == ["ranker"]
+    assert stale_export_reason(run_dir, run_dir / "export") == "the run's ranker changed"
     again = RunRanker.load(run_dir)
     assert not torch.equal(
         again.model.relevance.tower.mlp[0].weight, first.model.relevance.tower.mlp[0].weight

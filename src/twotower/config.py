@@ -215,3 +215,16 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the fully resolved config (every default spelled out) as YAML, atomically."""
     atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """``config`` with its data paths made absolute (relative to the working directory), so the
+    config written into a run directory still finds its data from any other directory."""
+    data = config.data
+    fields = {"files": ("interactions", "users", "items"), "movielens": ("path", "cache_dir")}
+    update = {
+        name: str(Path(value).expanduser().absolute())
+        for name in fields.get(data.source, ())
+        if (value := getattr(data, name)) is not None
+    }
+    return config.model_copy(update={"data": data.model_copy(update=update)}) if update else config

@@ -30,7 +30,14 @@ import pandas as pd
 import torch
 
 from twotower import __version__, distributed
-from twotower.config import ConfigError, RunConfig, config_to_dict, load_config, save_config
+from twotower.config import (
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    load_config,
+    save_config,
+    with_absolute_paths,
+)
 from twotower.data.dataset import Interactions, RetrievalData, build_retrieval_data, iterate_batches
 from twotower.data.prefetch import prefetched
 from twotower.evaluate import PROTOCOLS, evaluate_embeddings, result_keys
@@ -118,6 +125,7 @@ def _train_run(
     config: RunConfig, run_dir: Path, resume: bool, progress: bool, data: RetrievalData | None
 ) -> dict[str, Any]:
     main = distributed.is_main()
+    config = with_absolute_paths(config)  # config.yaml must find the data from any directory
     if resume:
         _check_resumable(config, run_dir)  # before config.yaml is replaced by one the weights don't fit
     if config.train.threads:
@@ -192,8 +200,11 @@ _RESUME_FIXED = ("data", "features", "model", "task")
 def _check_resumable(config: RunConfig, run_dir: Path) -> None:
     saved_path = run_dir / "config.yaml"
     if not (run_dir / "checkpoints" / "last.json").exists() or not saved_path.exists():
-        return  # nothing to resume from: training starts afresh, as fit does
-    saved = config_to_dict(load_config(saved_path))
+        # Nothing to resume from (e.g. stopped before its first checkpoint): training starts afresh,
+        # as fit does - said out loud, since the user asked for something else.
+        log.warning("--resume: %s has no checkpoint to resume from; training starts from scratch", run_dir)
+        return
+    saved = config_to_dict(with_absolute_paths(load_config(saved_path)))
     new = config_to_dict(config)
     changed = [key for key in _RESUME_FIXED if saved[key] != new[key]]
     if saved["train"]["optimizer"] != new["train"]["optimizer"]:

@@ -45,7 +45,14 @@ from twotower.retrieval import ModelConfig
 from twotower.storage import load_tensors, read_json, save_tensors, staging_dir_beside, write_json
 from twotower.topk import CSR
 
-__all__ = ["EXPORT_FORMAT", "ExportedRun", "export_run", "load_export", "resolve_export"]
+__all__ = [
+    "EXPORT_FORMAT",
+    "ExportedRun",
+    "export_run",
+    "load_export",
+    "resolve_export",
+    "stale_export_reason",
+]
 
 EXPORT_FORMAT = "twotower.export/1"
 log = logging.getLogger("twotower")
@@ -227,16 +234,58 @@ def load_export(path: str | Path, verify: bool = True) -> ExportedRun:
 
 
 def resolve_export(path: str | Path, index: IndexConfig | None = None) -> Path:
-    """The export directory for ``path``: an export itself, a run's ``export/``, or a new export of a run."""
+    """The export directory for ``path``: an export itself, a run's ``export/``, or a new export of a run.
+
+    A run's ``export/`` is derived data, so it is re-exported when it no longer matches the run: the
+    retrieval weights changed, a ranker stage was trained, replaced or removed after the export, or
+    ``index`` asks for another index than the one built. A re-export keeps the export's own index
+    config (unless ``index`` is given) and its ONNX file. An export directory given directly is served
+    as it is.
+    """
     path = Path(path)
     if (path / "manifest.json").exists():
         return path
+    if (path / "model.json").exists() and (path / "export" / "manifest.json").exists():
+        export = path / "export"
+        reason = stale_export_reason(path, export, index)
+        if reason is None:
+            return export
+        manifest = read_json(export / "manifest.json")
+        if index is None:
+            index = IndexConfig.model_validate(read_json(export / "index" / "index.json")["config"])
+        log.warning("%s is out of date (%s): exporting the run again", export, reason)
+        return export_run(path, index=index, onnx=bool(manifest.get("onnx")))
     if (path / "export" / "manifest.json").exists():
         return path / "export"
     if (path / "model.json").exists():
         log.warning("%s has no export yet: exporting it to %s", path, path / "export")
         return export_run(path, index=index)
     raise FileNotFoundError(f"{path} is neither a run directory (model.json) nor an export (manifest.json)")
+
+
+def stale_export_reason(run_dir: Path, export: Path, index: IndexConfig | None = None) -> str | None:
+    """Why ``export`` no longer matches the run in ``run_dir``, or None when it still does."""
+    from twotower.run_ranker import STAGES, sha256_file
+
+    try:
+        manifest = read_json(export / "manifest.json")
+        built = read_json(export / "index" / "index.json")["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its manifest or index description is unreadable"
+    if manifest.get("retrieval_sha256") != sha256_file(run_dir / "model.safetensors"):
+        return "the retrieval weights changed"
+    files = manifest.get("files") or {}
+    for stage in STAGES:
+        present = (run_dir / stage).is_dir()
+        if present != bool(manifest.get(stage)):
+            return f"the run's {stage} was {'trained' if present else 'removed'} after the export"
+        if present and _hashes(run_dir / stage) != {
+            name.split("/", 1)[1]: digest for name, digest in files.items() if name.startswith(f"{stage}/")
+        }:
+            return f"the run's {stage} changed"
+    if index is not None and IndexConfig.model_validate(built) != index:
+        return f"another index was asked for ({index.backend})"
+    return None
 
 
 def _versions() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Feature specifications: what a feature is, declared in config (``type`` picks the kind).
+"""Feature specifications: what a feature is, declared in config (``type`` picks the kind), and the
+rules for what a cell value is as a key (``_canon``: missing, integer, float or string).
 
 Each spec is a strict pydantic model (a misspelt key is an error). :class:`~twotower.features.
 FeatureEncoder` fits and applies them; :class:`FieldInfo` is what a tower needs to know about one
@@ -8,10 +9,13 @@ encoded feature. See :mod:`twotower.features` for the index conventions of every
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 __all__ = [
@@ -121,3 +125,57 @@ class FieldInfo:
     kind: Literal["categorical", "multi_hot", "numeric"]
     cardinality: int  # rows of the embedding table, reserved indices included; 0 for numeric
     embedding_dim: int | None
+
+
+# --- value helpers --------------------------------------------------------------------------------
+
+
+def _canon(value: Any) -> int | float | str | None:
+    """The vocabulary key of a cell value, or None when the value counts as missing."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, bool | np.bool_ | int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        if math.isnan(value):
+            return None
+        return int(value) if value.is_integer() else value
+    text = str(value)
+    return text if text.strip() else None
+
+
+def _sort_key(value: int | float | str) -> tuple[int, Any]:
+    return (1, value) if isinstance(value, str) else (0, value)
+
+
+def _vocab(counts: Counter, min_count: int) -> list[Any]:
+    return [v for v in sorted(counts, key=_sort_key) if counts[v] >= min_count]
+
+
+def _count(series: pd.Series) -> Counter:
+    # Factorize first so the Python-level canonicalisation runs once per distinct value, not per row.
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    freq = np.bincount(codes[codes >= 0], minlength=len(uniques))
+    counts: Counter = Counter()
+    for value, n in zip(uniques, freq, strict=True):
+        key = _canon(value)
+        if key is not None:
+            counts[key] += int(n)
+    return counts
+
+
+def _tokens(cell: Any, separator: str) -> list[Any]:
+    if isinstance(cell, str):
+        parts: Iterable[Any] = (p.strip() for p in cell.split(separator))
+    elif isinstance(cell, list | tuple | np.ndarray | pd.Series):
+        parts = (p.strip() if isinstance(p, str) else p for p in cell)
+    else:
+        parts = [cell]
+    keys = (_canon(p) for p in parts)
+    return list(dict.fromkeys(k for k in keys if k is not None))  # de-duplicate, keep order
+
+
+def _py(value: Any) -> Any:
+    """A numpy scalar as the Python value, so error messages read `7`, not `np.int64(7)`."""
+    return value.item() if isinstance(value, np.generic) else value

@@ -30,6 +30,7 @@ that). Missing means None, NaN, pd.NA or an empty/blank string.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -50,64 +51,15 @@ from twotower.feature_specs import (  # noqa: F401 - re-exported: specs are part
     IdFeature,
     MultiHotFeature,
     NumericFeature,
+    _canon,
+    _count,
+    _py,
+    _tokens,
+    _vocab,
 )
 from twotower.hashing import hash_keys, series_buckets, to_buckets
 
 _FORMAT = "twotower.features/1"
-
-
-# --- value helpers --------------------------------------------------------------------------------
-
-
-def _canon(value: Any) -> int | float | str | None:
-    """The vocabulary key of a cell value, or None when the value counts as missing."""
-    if value is None or value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, bool | np.bool_ | int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        value = float(value)
-        if math.isnan(value):
-            return None
-        return int(value) if value.is_integer() else value
-    text = str(value)
-    return text if text.strip() else None
-
-
-def _sort_key(value: int | float | str) -> tuple[int, Any]:
-    return (1, value) if isinstance(value, str) else (0, value)
-
-
-def _vocab(counts: Counter, min_count: int) -> list[Any]:
-    return [v for v in sorted(counts, key=_sort_key) if counts[v] >= min_count]
-
-
-def _count(series: pd.Series) -> Counter:
-    # Factorize first so the Python-level canonicalisation runs once per distinct value, not per row.
-    codes, uniques = pd.factorize(series, use_na_sentinel=True)
-    freq = np.bincount(codes[codes >= 0], minlength=len(uniques))
-    counts: Counter = Counter()
-    for value, n in zip(uniques, freq, strict=True):
-        key = _canon(value)
-        if key is not None:
-            counts[key] += int(n)
-    return counts
-
-
-def _tokens(cell: Any, separator: str) -> list[Any]:
-    if isinstance(cell, str):
-        parts: Iterable[Any] = (p.strip() for p in cell.split(separator))
-    elif isinstance(cell, list | tuple | np.ndarray | pd.Series):
-        parts = (p.strip() if isinstance(p, str) else p for p in cell)
-    else:
-        parts = [cell]
-    keys = (_canon(p) for p in parts)
-    return list(dict.fromkeys(k for k in keys if k is not None))  # de-duplicate, keep order
-
-
-def _py(value: Any) -> Any:
-    """A numpy scalar as the Python value, so error messages read `7`, not `np.int64(7)`."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 class FeatureEncoder:
@@ -223,7 +175,9 @@ class FeatureEncoder:
                 lut = np.array([index.get(_canon(u), 0) for u in uniques] + [0], dtype=np.int64)
                 out[spec.name] = torch.from_numpy(lut[codes])
             elif isinstance(spec, HashedIdFeature):
-                out[spec.name] = torch.from_numpy(series_buckets(series, spec.num_buckets, _canon))
+                hashed = functools.partial(series_buckets, num_buckets=spec.num_buckets, canon=_canon)
+                buckets = self._hashable(spec, hashed, series)
+                out[spec.name] = torch.from_numpy(buckets)
             elif isinstance(spec, MultiHotFeature):
                 out[spec.name] = torch.from_numpy(self._multi_hot(series, spec))
             elif isinstance(spec, NumericFeature):

@@ -15,7 +15,7 @@ strings (``PYTHONHASHSEED``). Instead:
   stay different keys, as they are different vocabulary keys.
 
 Keys are typed exactly like vocabulary keys: ``1`` and ``"1"`` are different ids with different
-buckets. The functions here take canonical keys (see ``twotower.features._canon``) or int64 arrays;
+buckets. The functions here take canonical keys (see ``twotower.feature_specs._canon``) or int64 arrays;
 :meth:`twotower.features.FeatureEncoder.transform` does the canonicalisation of DataFrame columns.
 """
 

@@ -88,22 +88,38 @@ class ClickLog:
                         self.randomized[sessions], self.device_names, self.simulated)  # fmt: skip
 
 
-def logging_scores(data: RankingData, config: LoggingPolicyConfig, seed: int) -> np.ndarray:
-    """The logging policy's score of every document of ``data`` (higher is shown first)."""
+def logging_scores(
+    data: RankingData, config: LoggingPolicyConfig, seed: int, fitted_on: RankingData | None = None
+) -> np.ndarray:
+    """The logging policy's score of every document of ``data`` (higher is shown first).
+
+    ``production`` learns from the labels of ``label_share`` of ``fitted_on``'s queries (default:
+    ``data`` itself) and scores ``data``: pass the training queries as ``fitted_on`` to log held-out
+    queries with the ranker that logged training, as ULTRA does, rather than with one fitted on
+    labels of the held-out queries. The same ``seed`` and ``fitted_on`` give the same ranker.
+    """
     rng = np.random.default_rng([seed, 21])
     if config.kind == "mixture":
         noise = rng.uniform(0.0, data.max_label, size=len(data.labels))
         return config.w * data.labels + (1.0 - config.w) * noise
-    n_labelled = max(1, round(config.label_share * data.num_queries))
-    queries = rng.choice(data.num_queries, size=n_labelled, replace=False)
-    rows = np.concatenate([np.arange(data.query_offsets[q], data.query_offsets[q + 1]) for q in queries])
-    mean, std = data.feature_stats()
-    x = np.c_[(data.features - mean) / std, np.ones(len(data.labels))]
-    xs, ys = x[rows], data.labels[rows].astype(np.float64)
-    penalty = config.ridge * np.eye(x.shape[1])
+    source = data if fitted_on is None else fitted_on
+    if source.features.shape[1] != data.features.shape[1]:
+        raise ValueError(
+            f"fitted_on has {source.features.shape[1]} features, the data to score {data.features.shape[1]}"
+        )
+    n_labelled = max(1, round(config.label_share * source.num_queries))
+    queries = rng.choice(source.num_queries, size=n_labelled, replace=False)
+    rows = np.concatenate([np.arange(source.query_offsets[q], source.query_offsets[q + 1]) for q in queries])
+    mean, std = source.feature_stats()
+
+    def design(part: RankingData) -> np.ndarray:
+        return np.c_[(part.features - mean) / std, np.ones(len(part.labels))]
+
+    xs, ys = design(source)[rows], source.labels[rows].astype(np.float64)
+    penalty = config.ridge * np.eye(xs.shape[1])
     penalty[-1, -1] = 0.0  # no penalty on the intercept
     weights = np.linalg.solve(xs.T @ xs + penalty, xs.T @ ys)
-    return x @ weights
+    return design(data) @ weights
 
 
 def _top_n(data: RankingData, scores: np.ndarray, n: int) -> np.ndarray:

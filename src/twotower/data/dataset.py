@@ -129,8 +129,13 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
     item_pos = pd.Index(item_ids)
     train = _to_indices(train_df, user_pos, item_pos)
     # Rows are chronological (sorted above when there are timestamps), so a row's position among its
-    # user's rows counts the events strictly before it: the history it may see in training.
-    train.history_end = history_positions(train.user_idx, len(user_ids))
+    # user's rows counts the events before it: the history it may see in training. Events of the same
+    # timestamp are not before one another (MovieLens logs many ratings per second), so none of them
+    # is in another's history; without timestamps the log order decides.
+    times = None
+    if "timestamp" in train_df.columns:
+        times = torch.as_tensor(train_df["timestamp"].to_numpy(np.int64, copy=True))
+    train.history_end = history_positions(train.user_idx, len(user_ids), times)
     action = config.model.history.action_column
     if config.model.history.enabled and action is not None:
         if action not in train_df.columns:
