@@ -339,6 +339,28 @@ def test_the_model_loads_once_at_start_up(runs, monkeypatch):
         assert len(calls) == 2 and calls[1] == runs[0]  # a reload, and only a reload, loads again
 
 
+def test_a_reload_without_a_path_exports_a_changed_run_again(runs, tmp_path):
+    import shutil
+
+    from twotower.storage import load_tensors, save_tensors
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[0], run_dir)
+    with TestClient(create_app(run_dir, allow_reload=True)) as c:
+        before = c.get("/healthz").json()["model"]
+        answer = c.post("/recommend", json={"user_id": 7}).json()
+        # the run is trained again in place (here: its item tower's weights change)
+        weights = load_tensors(run_dir / "model.safetensors")
+        name = next(k for k in weights if "item" in k and weights[k].is_floating_point())
+        weights[name] = -weights[name]
+        save_tensors(run_dir / "model.safetensors", weights)
+        assert c.post("/admin/reload", json={}).status_code == 200
+        assert c.get("/healthz").json()["model"] != before  # a new export, not the old one again
+        want = [i.item_id for i in load_pipeline(run_dir).recommend(RecommendRequest(user_id=7)).items]
+        after = c.post("/recommend", json={"user_id": 7}).json()
+        assert [i["item_id"] for i in after["items"]] == want != [i["item_id"] for i in answer["items"]]
+
+
 def test_cli_recommend_answers_what_the_service_answers(client, runs):
     from typer.testing import CliRunner
 

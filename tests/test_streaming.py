@@ -122,3 +122,41 @@ def test_columns_encoding_and_errors(one_file: Path):
     assert batch["user"].tolist() == want
     with pytest.raises(ValueError, match="rank"):
         ParquetStream(one_file, rank=2, world_size=2)
+
+
+def test_a_directory_of_parquet_files_is_read_like_the_list_of_its_files(tmp_path: Path):
+    root = tmp_path / "dataset"
+    root.mkdir()
+    for i in range(3):
+        _write(root / f"part{i}.parquet", range(i * 100, (i + 1) * 100), 30)
+    (root / "_SUCCESS").write_text("")  # what Spark leaves beside its part files
+    stream = ParquetStream(root, _config(shuffle_buffer=50))
+    assert stream.num_rows == 300 and sorted(_rows(stream.epoch(1))) == list(range(300))
+    files = sorted(root.glob("*.parquet"))
+    assert _rows(stream.epoch(1)) == _rows(ParquetStream(files, _config(shuffle_buffer=50)).epoch(1))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no Parquet files under"):
+        ParquetStream(empty)
+
+
+def test_null_values_are_refused_naming_the_column_not_turned_into_nan(tmp_path: Path):
+    path = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"item": pa.array([1, None, 3], pa.int64()), "x": [1.0, 2.0, 3.0]}), path)
+    with pytest.raises(ValueError, match=r"column 'item' has 1 null value.*encode="):
+        list(ParquetStream(path, StreamConfig(batch_size=3)).epoch(0))
+
+
+def test_a_file_that_cannot_be_read_is_named_in_the_error(tmp_path: Path):
+    good = _write(tmp_path / "good.parquet", range(100), 50)
+    other = tmp_path / "other.parquet"  # no "value" column: the dataset schema comes from the first file
+    pq.write_table(pa.table({"row": np.arange(100, 150, dtype=np.int64)}), other)
+    stream = ParquetStream([good, other], _config(shuffle_row_groups=False))
+    with pytest.raises(ValueError, match=r"other\.parquet.*row group 0"):
+        list(stream.epoch(0))
+
+
+def test_one_column_under_two_batch_keys(one_file: Path):
+    stream = ParquetStream(one_file, StreamConfig(batch_size=100, columns={"row": "row", "copy": "row"}))
+    batch = next(iter(stream.epoch(0)))
+    assert torch.equal(batch["row"], batch["copy"])

@@ -189,6 +189,7 @@ def test_resume_after_a_crash_between_tensors_and_json_is_exact(tmp_path):
     for name, data in committed.items():  # on disk as the crash left it: epoch 3's tensors, epoch 2's JSON
         (ckpt / name).write_bytes(data)
     assert len(list(ckpt.iterdir())) == 3
+    (ckpt / ".last-epoch0003.safetensors.k2j4x.tmp").write_bytes(b"half a write")  # killed mid-write
     resumed = _toy(seed=7)
     result = fit(resumed, _toy_batches, _toy_config(4, optimizer="adagrad"), run, resume=True, progress=False)
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
@@ -303,3 +304,43 @@ def test_progress_prints_one_line_per_epoch_and_nothing_when_off(tmp_path, capsy
     fit(_toy(), _toy_batches, _toy_config(2), tmp_path / "off", progress=False)
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+def _two_metrics(values):
+    values = iter(values)
+    return lambda: dict(zip(("m", "n"), next(values), strict=True))
+
+
+def test_resuming_with_another_early_stopping_metric_forgets_the_old_best(tmp_path):
+    from twotower.train import fit
+
+    watch_m = _toy_config(2, early_stopping={"metric": "m", "patience": 3})
+    fit(_toy(), _toy_batches, watch_m, tmp_path, _two_metrics([(0.9, 0.0), (0.8, 0.0)]), progress=False)
+    watch_n = _toy_config(4, early_stopping={"metric": "n", "patience": 3})
+    got = fit(_toy(), _toy_batches, watch_n, tmp_path, _two_metrics([(0.0, 0.1), (0.0, 0.2)]), resume=True,
+              progress=False)  # fmt: skip
+    # n = 0.2 at epoch 4 is the best n; it used to lose to m's 0.9 and restore epoch 1's weights
+    assert (got.best_epoch, got.best_metric, got.epochs_run) == (4, 0.2, 4)
+
+
+def test_a_stopped_run_resumed_without_early_stopping_or_with_more_patience_trains_on(tmp_path):
+    from twotower.train import fit
+
+    cfg = _toy_config(8, early_stopping={"metric": "m", "patience": 1})
+    assert (
+        fit(_toy(), _toy_batches, cfg, tmp_path, _scripted(None, [0.5, 0.1]), progress=False).epochs_run == 2
+    )
+    same = fit(_toy(), _toy_batches, cfg, tmp_path, _scripted(None, []), resume=True, progress=False)
+    assert (same.epochs_run, same.best_epoch) == (2, 1)  # finished: nothing more to train
+    patient = _toy_config(3, early_stopping={"metric": "m", "patience": 3})
+    more = fit(_toy(), _toy_batches, patient, tmp_path, _scripted(None, [0.7]), resume=True, progress=False)
+    assert (more.epochs_run, more.best_epoch, more.best_metric) == (3, 3, 0.7)
+    off = _toy_config(5)
+    assert fit(_toy(), _toy_batches, off, tmp_path, resume=True, progress=False).epochs_run == 5
+
+
+def test_an_epoch_without_any_batch_is_an_error_not_a_zero_loss(tmp_path):
+    from twotower.train import fit
+
+    with pytest.raises(ValueError, match="epoch 1 produced no training batch"):
+        fit(_toy(), lambda epoch: iter(()), _toy_config(2), tmp_path, progress=False)

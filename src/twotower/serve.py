@@ -331,9 +331,12 @@ def serve(
     """
     import uvicorn
 
-    # Export once, here, rather than racing to export in every worker.
+    # Export once, here, rather than racing to export in every worker. The source stays what was
+    # given: a reload without a path then re-checks a run directory and exports it again if its
+    # weights or ranker changed since (a new `train-ranker`), instead of reloading the old export.
+    resolve_export(source, index)
     settings = {
-        "source": str(resolve_export(source, index)),
+        "source": str(source),
         "retrieve_n": retrieve_n,
         "light_n": light_n,
         "threads": threads,

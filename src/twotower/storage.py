@@ -98,6 +98,10 @@ def save_tensors(
     try:
         save_file(flat, tmp, metadata=metadata)
         os.chmod(tmp, _FILE_MODE)  # save_file writes a new file of its own, owner-only
+        # On disk before the rename, as write_json does: a checkpoint's JSON commit record must never
+        # name a tensors file that a power loss could leave empty.
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

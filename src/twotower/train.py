@@ -107,6 +107,7 @@ def fit(
         # was changed for the resumed run: the configured values win (unchanged config: a no-op).
         for group in optimizer.param_groups:
             group.update(lr=config.lr, weight_decay=config.weight_decay)
+        _resume_early_stopping(state, stopping)
         if main:
             log.info("resumed from %s at epoch %d", ckpt_dir, state["epoch"])
     elif not main:
@@ -152,6 +153,11 @@ def fit(
             if n_batches % 10 == 0:
                 rate = n_examples / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", ex_s=f"{rate:,.0f}")
+        if n_batches == 0:  # the same on every rank: they all see the same batches
+            raise ValueError(
+                f"epoch {epoch} produced no training batch: the training data is empty or smaller "
+                f"than one batch of at least {max(world, 2)} rows"
+            )
         seconds = time.perf_counter() - t0
         examples_seen += n_examples
         record: dict[str, Any] = {
@@ -169,6 +175,7 @@ def fit(
             state["epoch"] = epoch
             if stopping is not None:
                 _update_early_stopping(state, record, stopping.metric, stopping.patience, model, ckpt_dir)
+                state["best_metric_name"] = stopping.metric
             log.info("epoch %d: %s", epoch, _format_record(record))
             if progress:
                 tqdm.write(f"epoch {epoch}: {_format_record(record)}")
@@ -187,6 +194,23 @@ def fit(
         seconds=elapsed,
         examples_per_s=examples_seen / max(elapsed, 1e-9),
     )
+
+
+def _resume_early_stopping(state: dict[str, Any], stopping: Any) -> None:
+    """Make a checkpoint's early-stopping state fit the resumed run's setting.
+
+    The best value is forgotten when the run now watches another metric (comparing a recall with an
+    ndcg would be meaningless; a checkpoint that does not name its metric keeps its best). Whether
+    training had stopped is decided again: a run resumed without early stopping, or with more
+    patience than its bad epochs, trains on instead of ending at once.
+    """
+    saved = state.get("best_metric_name")
+    if stopping is not None and saved is not None and saved != stopping.metric:
+        log.warning(
+            "early stopping now watches %s, not %s: its best so far is forgotten", stopping.metric, saved
+        )
+        state.update(best_metric=None, best_epoch=None, bad_epochs=0, best_metric_name=stopping.metric)
+    state["stopped"] = stopping is not None and state["bad_epochs"] >= stopping.patience
 
 
 def _update_early_stopping(
@@ -260,6 +284,9 @@ def save_checkpoint(prefix: Path, model: nn.Module, optimizer: torch.optim.Optim
         for old in prefix.parent.glob(f"{prefix.name}-epoch*.safetensors"):
             if old.name != tensors_name:
                 old.unlink(missing_ok=True)
+        # Temp files of writes that a crash interrupted (one checkpoint writer per run directory).
+        for stale in prefix.parent.glob(f".{prefix.name}-epoch*.safetensors.*.tmp"):
+            stale.unlink(missing_ok=True)
     distributed.barrier()
 
 

@@ -98,7 +98,15 @@ class ParquetStream:
         sources = [str(paths)] if isinstance(paths, str | Path) else [str(p) for p in paths]
         if not sources:
             raise ValueError("ParquetStream needs at least one path")
-        self.dataset = ds.dataset(sources, format="parquet")
+        # pyarrow takes a list of files only: a directory (a dataset of part files) is expanded to its
+        # Parquet files, in sorted order so every rank plans the same row groups.
+        files: list[str] = []
+        for source in sources:
+            is_dir = Path(source).is_dir()
+            files += sorted(ds.dataset(source, format="parquet").files) if is_dir else [source]
+        if not files:
+            raise ValueError(f"no Parquet files under {sources}")
+        self.dataset = ds.dataset(files, format="parquet")
         self.fragments = list(self.dataset.get_fragments())
         if not self.fragments:
             raise ValueError(f"no Parquet files under {sources}")
@@ -116,7 +124,8 @@ class ParquetStream:
 
     def _check_columns(self) -> list[str]:
         names = self.dataset.schema.names
-        wanted = list(self.config.columns.values()) if self.config.columns else names
+        # Each column once, though several batch keys may take it (pyarrow refuses a repeated column).
+        wanted = list(dict.fromkeys(self.config.columns.values())) if self.config.columns else names
         missing = [c for c in wanted if c not in names]
         if missing:
             raise ValueError(f"columns {missing} are not in the Parquet schema (columns: {names})")
@@ -150,13 +159,22 @@ class ParquetStream:
     # --- reading ------------------------------------------------------------------------------------
 
     def read(self, rg: RowGroup) -> pa.Table:
-        fragment = self.fragments[rg.file].subset(row_group_ids=[rg.index])
-        return fragment.to_table(columns=self._columns, use_threads=False)
+        fragment = self.fragments[rg.file]
+        try:
+            part = fragment.subset(row_group_ids=[rg.index])
+            return part.to_table(columns=self._columns, use_threads=False)
+        except pa.ArrowException as err:  # e.g. a file without a column of the first file's schema
+            raise ValueError(f"{fragment.path}, row group {rg.index}: {err}") from err
 
     def _default_encode(self, table: pa.Table) -> dict[str, np.ndarray]:
         mapping = self.config.columns or {name: name for name in table.column_names}
         out = {}
         for key, column in mapping.items():
+            nulls = table.column(column).null_count
+            if nulls:  # to_numpy would turn them into NaN (integer ids into float64) without a word
+                raise ValueError(
+                    f"column {column!r} has {nulls} null value(s): pass an encode= that fills or drops them"
+                )
             values = table.column(column).to_numpy()
             if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_):
                 raise TypeError(
