@@ -71,6 +71,9 @@ QUICK_METHODS = ("naive", "two-tower-pal", "two-tower-additive+bias-dropout", "o
 # +bias-dropout rows), for PAL and additive, under the main protocol with pbm clicks.
 RATES = (0.05, 0.1, 0.2, 0.3)
 RATE_METHODS = ("two-tower-pal", "two-tower-additive")
+# Which policy logged the held-out clicks (click_loglik, click_auc): rows without this field are older,
+# their held-out log's production ranker was fitted on 1 % of the held-out queries' own labels.
+HELD_OUT = {"held_out_log": "logged by the training queries' production ranker"}
 
 
 def datasets(args: argparse.Namespace, only: list[str] | None = None) -> dict[str, RankingData]:
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows = []
                 for method, vals in values.items():
                     base = {"dataset": name, "protocol": f"{click}/production-1%{length_tag(args)}",
-                            "method": method}  # fmt: skip
+                            "method": method, **HELD_OUT}  # fmt: skip
                     rows += measured_rows(base, vals, seeds)
                 text, _ = save(args, command, rows)
                 two_tower = {m: c for m, c in curves.items() if m.startswith("two-tower")}
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             values, _ = run_cell(data, config, sweep_methods, seeds, f"sweep w={w}")
             for method, vals in values.items():
                 base = {"dataset": "synthetic", "protocol": f"pbm/mixture-w{w:g}{length_tag(args)}",
-                        "method": method}  # fmt: skip
+                        "method": method, **HELD_OUT}  # fmt: skip
                 rows += measured_rows(base, vals, seeds)
             text, saved = save(args, command, rows)
         # from the saved rows, so a run with a few methods redraws the plot with the others kept
@@ -341,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                         "dataset": name,
                         "protocol": protocol,
                         "method": f"{method}+bias-dropout@{rate:g}",
+                        **HELD_OUT,
                     }
                     rows += measured_rows(base, vals, seeds)
                 text, saved = save(args, command, rows)

@@ -143,3 +143,30 @@ def test_paths_with_spaces_and_relative_paths_work(tmp_path, monkeypatch):
     assert "run directory: my runs/run one" in result.output
     saved = yaml.safe_load((folder / "run one" / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 1
+
+
+def test_output_paths_that_cannot_be_written_fail_with_a_message(tmp_path):
+    # --out under a regular file: report and export ended in a NotADirectoryError / FileExistsError
+    # traceback, and so did `demo --out FILE`.
+    config = _write_config(tmp_path)
+    run_dir = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(config), "--run-dir", str(run_dir), "--quiet"]).exit_code == 0
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    result = runner.invoke(app, ["report", str(run_dir), "--out", str(blocker / "r.html")])
+    _clean_failure(result, "a_file")
+    result = runner.invoke(app, ["export", str(run_dir), "--out", str(blocker / "export")])
+    _clean_failure(result, "a_file")
+    _clean_failure(runner.invoke(app, ["demo", "--quick", "--out", str(blocker)]), "a_file")
+    assert blocker.read_text() == "not a folder\n"
+
+
+def test_evaluate_unknown_protocol_and_bad_index_are_plain_messages(tmp_path):
+    config = _write_config(tmp_path)
+    run_dir = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(config), "--run-dir", str(run_dir), "--quiet"]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--protocol", "bogus"])
+    _clean_failure(result, "error: unknown protocol 'bogus'")  # was `error: "unknown protocol ..."`
+    result = runner.invoke(app, ["export", str(run_dir), "--index", "hnsw"])
+    _clean_failure(result, "--index", "backend")
+    assert "errors.pydantic.dev" not in result.output and "validation error for" not in result.output

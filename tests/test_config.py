@@ -130,3 +130,30 @@ def test_a_rich_resolved_config_round_trips_to_an_identical_config(tmp_path):
     )
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("ks", [[0, 10], [], [5, -1]])
+def test_eval_cut_offs_must_be_positive_and_not_empty(ks):
+    # they used to pass the config and fail after training, with the run directory already written
+    with pytest.raises(ConfigError, match="eval.ks"):
+        parse_config({"eval": {"ks": ks}})
+
+
+def test_setting_one_key_of_a_section_keeps_the_sections_other_defaults():
+    # `twotower train-ranker RUN log.csv --set ranker.layers=[16]` (the README's light ranker) used to
+    # rebuild the section from RankerConfig's own defaults: an additive ranker trained 10 epochs of 1024
+    from twotower.run_ranker import RunRankerConfig
+    from twotower.ultr import UltrConfig
+
+    default = RunRankerConfig()
+    assert (default.ranker.combination, default.train.epochs, default.columns.user) == ("pal", 5, "user_id")
+    overrides = ["ranker.layers=[16]", "train.lr=0.01", "columns.context=[device]"]
+    got = load_config(None, overrides, RunRankerConfig)
+    assert (got.ranker.combination, got.ranker.loss, got.ranker.layers) == ("pal", "clicks", [16])
+    assert (got.train.epochs, got.train.batch_size, got.train.lr) == (5, 256, 0.01)
+    assert (got.columns.user, got.columns.context) == ("user_id", ["device"])
+    assert RunRankerConfig.model_validate(got.model_dump()) == got  # a saved config reads back the same
+    with pytest.raises(ConfigError, match="columns.user must name"):
+        load_config(None, ["columns.user=null"], RunRankerConfig)  # an explicit value still wins
+    ultr = load_config(None, ["train.epochs=16"], UltrConfig)
+    assert (ultr.train.epochs, ultr.train.batch_size, ultr.train.lr) == (16, 256, 3e-3)

@@ -226,3 +226,18 @@ def test_resume_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="twotower"):
         train_run(tiny_config(epochs=1), tmp_path / "run", resume=True, progress=False)
     assert "no checkpoint to resume from" in caplog.text
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_model_that_cannot_be_built_leaves_the_runs_config_alone(tmp_path):
+    run_dir = tmp_path / "run"
+    train_run(tiny_config(epochs=1), run_dir, progress=False)
+    saved = (run_dir / "config.yaml").read_text()
+    mismatched = tiny_config(epochs=1)
+    mismatched.model.user_tower.layers = [8]  # 8 dims against the item tower's 16
+    with pytest.raises(ValueError, match="user tower outputs 8 dims"):
+        train_run(mismatched, run_dir, progress=False)
+    assert (run_dir / "config.yaml").read_text() == saved  # the weights still have their config
+    with pytest.raises(ValueError, match="user tower outputs 8 dims"):
+        train_run(mismatched, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()

@@ -101,6 +101,21 @@ def test_examination_curves_with_ranker_json_and_true_curves(run, tmp_path):
         assert_png(image)
 
 
+def test_examination_caption_names_no_true_curve_when_there_is_none(run):
+    # A ranker trained on a real log has no true curve: the caption said "dashed: true" anyway.
+    (run / "ranker").mkdir()
+    ranker = {
+        "format": FORMAT,
+        "context": {"column": "device", "vocabulary": ["desktop"]},
+        "examination_curve": {"desktop": [1.0, 0.8, 0.6]},
+    }
+    (run / "ranker" / "ranker.json").write_text(json.dumps(ranker))
+    exam = section(build_report(run).read_text(), "examination")
+    assert "learned by the ranker" in exam and "dashed" not in exam
+    page = build_report(run, extra={"true_examination": {"desktop": [0.9, 0.6]}}).read_text()
+    assert "dashed: true" in section(page, "examination")
+
+
 def test_missing_history_is_said_and_its_stale_chart_removed(run):
     history = json.loads((run / "history.json").read_text())
     (run / "history.json").write_text(json.dumps([{"epoch": r["epoch"], "loss": r["loss"]} for r in history]))

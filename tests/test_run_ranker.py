@@ -40,7 +40,9 @@ def test_pair_features_by_hand():
 
 def test_config_needs_a_user_column_and_a_servable_ranker():
     with pytest.raises(ValueError, match="columns.user"):
-        RunRankerConfig.model_validate({"columns": {"context": ["device"]}})
+        RunRankerConfig.model_validate({"columns": {"user": None, "context": ["device"]}})
+    # a columns section without a user keeps the default user column (it used to lose it)
+    assert RunRankerConfig.model_validate({"columns": {"context": ["device"]}}).columns.user == "user_id"
     with pytest.raises(ValueError, match="loss"):
         RunRankerConfig.model_validate({"ranker": {"loss": "ipw"}})
     with pytest.raises(ValueError, match="position"):

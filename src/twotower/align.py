@@ -27,15 +27,16 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from twotower.config import SectionDefaults
 from twotower.data.dataset import Interactions, iterate_batches
 from twotower.distillation import AlignmentConfig, alignment_loss, alignment_terms
 from twotower.reranker import RunRanker, pair_features
@@ -55,7 +56,7 @@ __all__ = [
 log = logging.getLogger("twotower")
 
 
-class AlignConfig(BaseModel):
+class AlignConfig(SectionDefaults):
     """How an early stage is trained towards the main ranker (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -65,7 +66,8 @@ class AlignConfig(BaseModel):
     users_per_step: int = Field(128, ge=1, description="users whose candidate lists enter one step")
     candidates: int = Field(100, ge=2, description="top items of the aligned model per user's list")
     random: int = Field(100, ge=0, description="uniform catalogue items added to each list")
-    alignment: AlignmentConfig = Field(default_factory=lambda: AlignmentConfig(distill_weight=1.0))
+    section_defaults: ClassVar[dict[str, dict[str, Any]]] = {"alignment": {"distill_weight": 1.0}}
+    alignment: AlignmentConfig
     seed: int = 0
 
 

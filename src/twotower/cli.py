@@ -116,7 +116,10 @@ def evaluate(
 
     try:
         metrics = evaluate_run(run_dir, protocol)
-    except (ConfigError, DataError, FileNotFoundError, KeyError, ValueError) as exc:
+    except KeyError as exc:  # an unknown --protocol: str() of a KeyError would quote its message
+        _fail(str(exc.args[0]) if exc.args else repr(exc))
+        return
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return
     _print_metrics(metrics)
@@ -128,6 +131,7 @@ def _index_config(backend: str | None, options: list[str]):
         return None
     import yaml
 
+    from twotower.config import parse_config
     from twotower.index import IndexConfig
 
     raw: dict = {} if backend is None else {"backend": backend}
@@ -139,7 +143,7 @@ def _index_config(backend: str | None, options: list[str]):
             raw[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as exc:  # a ValueError the commands report, not a parser traceback
             raise ValueError(f"--index-option {option!r}: the value is not valid YAML: {exc}") from None
-    return IndexConfig.model_validate(raw)
+    return parse_config(raw, "--index/--index-option", IndexConfig)
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, list[str]]:
@@ -271,7 +275,7 @@ def export(
 
     try:
         target = export_run(run_dir, out, _index_config(index, index_option), onnx=onnx)
-    except (ValidationError, FileNotFoundError, ValueError, ImportError) as exc:
+    except (ValidationError, OSError, ValueError, ImportError) as exc:
         _fail(str(exc))
         return
     manifest = load_export(target).manifest
@@ -332,7 +336,7 @@ def report(
 
     try:
         path = build_report(run_dir, out)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # OSError: an --out that cannot be written
         _fail(str(exc))
         return
     typer.echo(summary_table(run_dir))
@@ -347,7 +351,13 @@ def demo(
     """Train on a synthetic world with a planted structure, compare with popularity, show recommendations."""
     from twotower.demo import run_demo
 
-    summary = run_demo(out, quick=quick, echo=typer.echo)
+    if out.exists() and not out.is_dir():  # before minutes of work, not after the world is built
+        _fail(f"--out {out} is a file: the demo writes a run directory")
+    try:
+        summary = run_demo(out, quick=quick, echo=typer.echo)
+    except OSError as exc:  # an --out that is a file or cannot be written: a message, no traceback
+        _fail(str(exc))
+        return
     if not summary["beats_popularity"]:
         sys.exit(1)
 

@@ -9,10 +9,10 @@ resolved config is written into every run directory (``save_config``) so a run c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from twotower.data.loader import InteractionColumns
 from twotower.data.synthetic import WorldConfig
@@ -24,6 +24,29 @@ from twotower.task_config import TaskConfig
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class SectionDefaults(BaseModel):
+    """A config whose sections default to other values than their own classes do (a ranker's training
+    runs 5 epochs of 256, not TrainConfig's 10 of 1024).
+
+    ``section_defaults = {"train": {...}}`` fills a section given in part - a YAML section or a
+    ``--set train.lr=...`` - before the section's class fills the rest: otherwise setting one key
+    would silently reset the others to the class's defaults. Also the defaults of an absent section.
+    """
+
+    section_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_sections(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key, base in cls.section_defaults.items():
+                given = data.get(key, {})
+                if isinstance(given, dict):  # an instance (built in code) is taken as it is
+                    data[key] = {**base, **given}
+        return data
 
 
 class MovieLensSource(_Strict):
@@ -102,7 +125,9 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     protocol: Literal["msrec", "tfrs", "temporal"] = "msrec"
-    ks: list[int] | None = Field(None, description="cut-offs; None: the protocol's own")
+    ks: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, description="cut-offs; None: the protocol's own"
+    )
 
 
 class RunConfig(_Strict):

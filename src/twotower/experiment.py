@@ -134,11 +134,6 @@ def _train_run(
     t0 = time.perf_counter()
     data = data or build_retrieval_data(config)  # every rank: the batches are built from it
     _check_early_stopping(config, data)
-    if main:
-        # Only once the data has loaded: a bad data path is an error that leaves no run directory
-        # behind holding a lone config.yaml (nothing half-written).
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
     (log.info if main else log.debug)(
         "data: %d users, %d items, %d train / %d test interactions",
         data.num_users,
@@ -148,6 +143,12 @@ def _train_run(
     )
     seed_everything(config.train.seed)  # model init does not depend on how much data loading drew
     model = build_model(config, data)
+    if main:
+        # Only once the data has loaded and the model is built: a bad data path or tower shape is an
+        # error that leaves no run directory holding a lone config.yaml, and does not replace the
+        # config.yaml of a run already in run_dir with one its weights do not fit.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     if config.train.compile:
         # In place (nn.Module.compile): the parameters and state-dict keys stay those of the towers.
         model.user_tower.compile(dynamic=True)

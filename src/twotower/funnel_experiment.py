@@ -24,11 +24,11 @@ import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from twotower.align import (
     AlignConfig,
@@ -40,7 +40,7 @@ from twotower.align import (
     concat_positives,
     distill_light_ranker,
 )
-from twotower.config import RunConfig
+from twotower.config import RunConfig, SectionDefaults
 from twotower.data.dataset import RetrievalData, build_retrieval_data
 from twotower.data.impression_sim import DEFAULT_ETA, examination, simulate_impressions
 from twotower.debiased_labels import DebiasConfig, debiased_labels
@@ -66,7 +66,7 @@ VARIANTS: dict[str, tuple[str | None, AlignmentConfig]] = {
 }
 
 
-class FunnelExperimentConfig(BaseModel):
+class FunnelExperimentConfig(SectionDefaults):
     model_config = ConfigDict(extra="forbid")
 
     quick: bool = Field(False, description="the small world and fewer epochs (tests, smoke runs)")
@@ -75,7 +75,10 @@ class FunnelExperimentConfig(BaseModel):
     shown: int = Field(10, ge=1)
     candidates: int = Field(100, ge=1, description="retrieved items each logged request is drawn from")
     click_offset: float = Field(2.0, description="p(click | seen) = sigmoid(taste - offset)")
-    funnel: FunnelConfig = Field(default_factory=lambda: FunnelConfig(retrieve_n=50, light_n=20, k=10))
+    section_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "funnel": {"retrieve_n": 50, "light_n": 20, "k": 10}
+    }
+    funnel: FunnelConfig
     align: AlignConfig = Field(default_factory=AlignConfig)
     ranker_epochs: int = Field(5, ge=1)
     variants: list[str] = Field(default_factory=lambda: list(VARIANTS))

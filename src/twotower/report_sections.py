@@ -278,8 +278,10 @@ def examination_section(run: dict[str, Any], truth: dict[str, list[float]], char
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     parts.append(charts.save(fig, "examination.png", "examination per position and context"))
     column = html.escape(str(_get(ranker, "context", "column") or "none")) if ranker else "(no ranker)"
-    parts.append(f"<p>Context column {column}. Solid: learned by the ranker's bias tower; dashed: true. "
-                 "Both relative to position 1.</p>")  # fmt: skip
+    # A ranker trained on a real log has no true curve to draw beside it.
+    lines = "; dashed: true. Both relative" if scaled else ". Relative"
+    parts.append(f"<p>Context column {column}. Solid: learned by the ranker's bias tower{lines} "
+                 "to position 1.</p>")  # fmt: skip
     both = [c for c in learned if c in scaled]
     gaps = [[c, max(abs(a - b) for a, b in zip(learned[c], scaled[c], strict=False))] for c in both]
     if gaps:

@@ -23,15 +23,15 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from twotower.config import TrainConfig
+from twotower.config import SectionDefaults, TrainConfig
 from twotower.data.impressions import ImpressionColumns
 from twotower.ranking import DebiasedRanker, RankerConfig
 from twotower.storage import atomic_write_text, read_json, save_tensors, staging_dir_beside, write_json
@@ -69,15 +69,20 @@ def pair_features(user_emb: Tensor, item_emb: Tensor) -> Tensor:
     return torch.cat([user, item, user * item], dim=-1)
 
 
-class RunRankerConfig(BaseModel):
+class RunRankerConfig(SectionDefaults):
     model_config = ConfigDict(extra="forbid")
 
-    columns: ImpressionColumns = Field(default_factory=lambda: ImpressionColumns(user="user_id"))
     # PAL: p(click) = p(examined | position, device) * p(relevant | user, item). It was the best
     # method with the clicks loss in our ULTR benchmark, and its examination factor does not depend
     # on relevance, so the learned curve is a property of the UI that can be read and checked.
-    ranker: RankerConfig = Field(default_factory=lambda: RankerConfig(combination="pal", loss="clicks"))
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, batch_size=256, lr=3e-3))
+    section_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "columns": {"user": "user_id"},
+        "ranker": {"combination": "pal", "loss": "clicks"},
+        "train": {"epochs": 5, "batch_size": 256, "lr": 3e-3},
+    }
+    columns: ImpressionColumns
+    ranker: RankerConfig
+    train: TrainConfig
     max_position: int = Field(10, ge=1, description="slots per request; rows shown lower are ignored")
     bias_refit: bool = Field(
         True,
@@ -217,7 +222,10 @@ class RunRanker:
             model = build_ranker_model(dim, num_items, meta["num_positions"], len(vocab), config.ranker)
             model.load_state_dict(state, strict=True)
         except RankerFormatError as exc:
-            raise RankerFormatError(f"{where}: {exc}; retrain it with train_run_ranker") from None
+            raise RankerFormatError(
+                f"{where}: {exc}; train it again (`twotower train-ranker RUN_DIR LOG`, --light for a light "
+                f"ranker) or delete {where}"
+            ) from None
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, ValidationError) as exc:
             raise RankerFormatError(f"{where}: unreadable ranker ({type(exc).__name__}: {exc})") from exc
         model.eval()

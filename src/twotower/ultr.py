@@ -36,13 +36,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor
 
-from twotower.config import EarlyStoppingConfig, TrainConfig
+from twotower.config import EarlyStoppingConfig, SectionDefaults, TrainConfig
 from twotower.data.click_log import ClickLog, SimulationConfig, estimate_propensities
 from twotower.data.click_models import ClickModel, relevance_click_probability
 from twotower.data.ltr import RankingData
@@ -79,12 +80,15 @@ METHODS: dict[str, dict] = {
 }
 
 
-class UltrConfig(BaseModel):
+class UltrConfig(SectionDefaults):
     model_config = ConfigDict(extra="forbid")
 
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     ranker: dict = Field(default_factory=dict, description="RankerConfig fields shared by every method")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=8, batch_size=256, lr=3e-3))
+    section_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "train": {"epochs": 8, "batch_size": 256, "lr": 3e-3}
+    }
+    train: TrainConfig
     test_share: float = Field(0.2, gt=0.0, lt=1.0)
     test_sessions_per_query: int = Field(2, ge=1)
     fresh_clicks: bool = Field(
