@@ -31,6 +31,8 @@ def test_train_recommend_evaluate(tmp_path):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.strip().startswith(("1.", "5."))]
     assert len(lines) == 2 and "Item" in lines[0]  # rank, id, score and title
+    result = runner.invoke(app, ["recommend", str(run_dir), "--user", "3", "--history", "no-such-item"])
+    assert result.exit_code == 0 and "not in the catalogue, ignored: ['no-such-item']" in result.output
     result = runner.invoke(app, ["evaluate", str(run_dir)])
     assert result.exit_code == 0 and "ndcg@10" in result.output
     result = runner.invoke(

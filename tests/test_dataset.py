@@ -286,3 +286,10 @@ def test_id_min_count_counts_training_interactions_not_distinct_ids(tmp_path):
     assert data.user_encoder.vocabulary("user_id") == ["alice", "carol"]
     assert data.item_table["item_id"].tolist() == [1, 0, 0, 0, 0]  # items 10..14
     assert data.user_table["user_id"].tolist() == [1, 0, 2]  # alice, bob, carol
+
+
+def test_a_bad_feature_value_names_the_table_file_and_the_entity_id(tmp_path):
+    config = _config(tmp_path)
+    (tmp_path / "items.csv").write_text(ITEMS.replace("12,6.0,drama", "12,six,drama"))
+    with pytest.raises(ValueError, match=r"items\.csv: feature 'price', column 'price', item_id 12: .*'six'"):
+        build_retrieval_data(config)

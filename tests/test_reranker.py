@@ -254,3 +254,11 @@ def test_a_log_with_no_known_item_is_an_error_naming_the_file(planted, tmp_path)
     )
     with pytest.raises(ValueError, match="foreign.csv"):
         fit_run_ranker(planted.run_dir, path, _config())
+
+
+def test_a_log_without_any_click_is_an_error_not_a_meaningless_ranker(planted, tmp_path):
+    path = _hand_made(
+        tmp_path / "unclicked.csv", [("a", 0, 1, 1, 0, "desktop"), ("a", 0, 2, 2, 0, "desktop")]
+    )
+    with pytest.raises(ValueError, match="unclicked.csv: no click on a known item"):
+        fit_run_ranker(planted.run_dir, path, _config())

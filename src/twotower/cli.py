@@ -198,6 +198,8 @@ def recommend(
             continue
         how = "cold start" if answer.path == "cold_start" else "known user"
         typer.echo(f"user {answer.user_id if answer.user_id is not None else '(features only)'} ({how}):")
+        if answer.ignored_history:
+            typer.echo(f"  (history items not in the catalogue, ignored: {answer.ignored_history})")
         for rank, item in enumerate(answer.items, 1):
             title = item.metadata.get("title") or ""
             typer.echo(f"  {rank:>3}. {item.item_id!s:<10} {item.score:8.4f}  {title}")

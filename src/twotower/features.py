@@ -352,8 +352,12 @@ class FeatureEncoder:
         if bad.any():
             pos = int(np.flatnonzero(bad)[0])
             label, value = _py(series.index[pos]), _py(series.iloc[pos])
+            # A named index is the entity key (a user or item table): its id says where, a row of the
+            # catalogue-ordered frame would not.
+            where = (
+                f"{series.index.name} {label!r}" if series.index.name else f"row {pos + 1} (index {label!r})"
+            )
             raise ValueError(
-                f"feature {spec.name!r}, column {spec.column!r}, row {pos + 1} (index {label!r}): "
-                f"not a finite number: {value!r}"
+                f"feature {spec.name!r}, column {spec.column!r}, {where}: not a finite number: {value!r}"
             )
         return values

@@ -187,5 +187,6 @@ def summary_table(run_dir: str | Path) -> str:
         lines.append("  ".join([row[0].ljust(widths[0]), *cells]))
     if is_number(metrics.get("epochs_run")):
         best, seconds = metrics.get("best_epoch"), fmt_value(metrics.get("train_seconds"))
-        lines.append(f"{metrics['epochs_run']} epochs (best {best}), {seconds} s training")
+        kept = "" if best is None else f" (best {best})"  # best epoch: only with early stopping
+        lines.append(f"{metrics['epochs_run']} epochs{kept}, {seconds} s training")
     return "\n".join(lines)

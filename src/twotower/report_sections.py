@@ -33,6 +33,7 @@ __all__ = [
     "funnel_section",
     "is_number",
     "metric_comparison",
+    "metric_order",
     "notes_section",
     "recall_section",
     "summary_section",
@@ -70,6 +71,16 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def metric_order(key: str) -> tuple[str, int]:
+    """Sort key of a metric name by metric, then cut-off as a number: JSON files keep keys in text
+    order, which would put recall@10 before recall@5."""
+    match = _QUALITY.match(key)
+    if match is None:
+        return key, 0
+    cut = int(match.group(1) or match.group(2))
+    return (key.split("@")[0] if match.group(1) else "top_accuracy"), cut
+
+
 def metric_comparison(run: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Test metrics per method: this run, then the demo's baselines computed on the same split."""
     own = {k: v for k, v in (run["metrics"] or {}).items() if _QUALITY.match(k) and is_number(v)}
@@ -78,7 +89,9 @@ def metric_comparison(run: dict[str, Any]) -> dict[str, dict[str, float]]:
         # The demo lists the run itself too (same numbers): shown once, as "this run".
         if isinstance(values, dict) and not (own and all(own.get(k) == v for k, v in values.items())):
             methods[str(method)] = {k: v for k, v in values.items() if is_number(v)}
-    return methods
+    return {
+        m: dict(sorted(values.items(), key=lambda kv: metric_order(kv[0]))) for m, values in methods.items()
+    }
 
 
 # ------------------------------------------------------------------------------------- formatting

@@ -104,6 +104,10 @@ def fit_run_ranker(
         )
     if counts["dropped_unknown_user"] or counts["masked_unknown_item"]:
         log.warning("%s: ids outside the run's catalogue: %s", path, counts)
+    if not (lists.clicks[keep] * known[keep]).any():
+        # Without a click the likelihood is maximised by p(click) = 0 everywhere: a ranker that ranks
+        # nothing and an examination curve that means nothing.
+        raise ValueError(f"{path}: no click on a known item in the requests left to train on ({counts})")
 
     if config.columns.context:
         column = config.columns.context[0]

@@ -12,6 +12,7 @@ The order matters and is the point of this module:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,8 +123,13 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
     # Features are fitted on the entities of training rows; id vocabularies on the training rows
     # themselves, repeats included, so an id feature's min_count counts interactions.
     train_users, train_items = train_df[USER].unique(), train_df[ITEM].unique()
-    user_encoder.fit(user_frame[user_frame[USER].isin(train_users)], id_values=train_df[USER])
-    item_encoder.fit(item_frame[item_frame[ITEM].isin(train_items)], id_values=train_df[ITEM])
+    tables = _table_names(config)
+    with _naming(tables[USER]):
+        user_encoder.fit(user_frame[user_frame[USER].isin(train_users)], id_values=train_df[USER])
+        user_table = user_encoder.transform(user_frame)
+    with _naming(tables[ITEM]):
+        item_encoder.fit(item_frame[item_frame[ITEM].isin(train_items)], id_values=train_df[ITEM])
+        item_table = item_encoder.transform(item_frame)
 
     user_pos = pd.Index(user_ids)
     item_pos = pd.Index(item_ids)
@@ -152,8 +158,8 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
         item_ids=item_ids,
         user_encoder=user_encoder,
         item_encoder=item_encoder,
-        user_table=user_encoder.transform(user_frame),
-        item_table=item_encoder.transform(item_frame),
+        user_table=user_table,
+        item_table=item_table,
         train=train,
         impressions=_training_impressions(raw.impressions, test_df, user_pos, item_pos),
         valid=None if valid_df is None else _to_indices(valid_df, user_pos, item_pos),
@@ -195,6 +201,25 @@ def _training_impressions(
     return _to_indices(impressions, users, items)
 
 
+def _table_names(config: RunConfig) -> dict[str, str | None]:
+    """The file each side's features come from, for error messages (None: not a file of the user's)."""
+    data = config.data
+    if isinstance(data, FileSource):
+        return {USER: data.users or data.interactions, ITEM: data.items or data.interactions}
+    return {USER: None, ITEM: None}
+
+
+@contextmanager
+def _naming(path: str | None) -> Iterator[None]:
+    """Feature errors (a value that is not a number, a list in a categorical) prefixed with their file."""
+    try:
+        yield
+    except ValueError as exc:
+        if path is None:
+            raise
+        raise ValueError(f"{path}: {exc}") from exc
+
+
 def _holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     mask = np.random.default_rng(seed).random(len(df)) < fraction
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
@@ -208,10 +233,12 @@ def _catalogue(ids: pd.Series, table: pd.DataFrame | None) -> np.ndarray:
 
 
 def _entity_frame(key: str, ids: np.ndarray, table: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per catalogue entity, indexed by its id, so a bad feature value is reported by id."""
     frame = pd.DataFrame({key: ids})
-    if table is None:
-        return frame
-    return frame.merge(table, on=key, how="left", validate="one_to_one")
+    if table is not None:
+        frame = frame.merge(table, on=key, how="left", validate="one_to_one")
+    frame.index = pd.Index(frame[key].to_numpy(), name=key)
+    return frame
 
 
 def _to_indices(df: pd.DataFrame, users: pd.Index, items: pd.Index) -> Interactions:
