@@ -293,3 +293,12 @@ def test_a_bad_feature_value_names_the_table_file_and_the_entity_id(tmp_path):
     (tmp_path / "items.csv").write_text(ITEMS.replace("12,6.0,drama", "12,six,drama"))
     with pytest.raises(ValueError, match=r"items\.csv: feature 'price', column 'price', item_id 12: .*'six'"):
         build_retrieval_data(config)
+
+
+def test_a_feature_named_after_the_files_id_column_says_ids_are_renamed(tmp_path):
+    config = _config(tmp_path, tables=False)
+    from twotower.features import IdFeature
+
+    config.features.user = [IdFeature(name="user")]  # the file's column; the log's ids are renamed user_id
+    with pytest.raises(ValueError, match="always called user_id and item_id"):
+        build_retrieval_data(config)
