@@ -184,7 +184,8 @@ def test_summary_table_lists_the_headline_metrics(run, trained):
     assert text.splitlines()[0].startswith("protocol temporal")
     assert "this run" in text and "2 epochs," in text and "best None" not in text  # no early stopping
     names = [line.split()[0] for line in text.splitlines()[2:] if "@" in line.split()[0]]
-    assert [n for n in names if n.startswith("recall")] == ["recall@5", "recall@10", "recall@20"]  # not @10 first
+    # by cut-off as a number, not as text (@10, @20, @5)
+    assert [n for n in names if n.startswith("recall")] == ["recall@5", "recall@10", "recall@20"]
     line = next(line for line in text.splitlines() if line.startswith("recall@10 "))
     assert line.split()[-1] == f"{metrics['recall@10']:.4f}"
     # A demo's summary adds its baselines; its copy of this run's own numbers is not repeated.

@@ -69,3 +69,11 @@ def test_impression_negatives_need_impressions():
         impressions=(torch.tensor([0, 1]), torch.tensor([2, 3])),
     )  # fmt: skip
     assert task.impressions is not None and task.impressions_num == 2
+
+
+def test_streaming_alpha_is_refused_by_the_config_where_the_estimator_refuses_it():
+    # StreamingFrequencyEstimator takes alpha in (0, 1): alpha = 1 used to pass the config and fail
+    # only when build_task made the estimator.
+    with pytest.raises(Exception, match="alpha"):
+        parse_config({"task": {"logq": "streaming", "streaming": {"alpha": 1.0}}})
+    assert _build(logq="streaming", streaming={"alpha": 0.5}).sampling_probability.alpha == 0.5

@@ -255,3 +255,62 @@ def test_hinge_is_on_the_similarity_scale_and_logistic_on_the_logits():
     assert hinge[0] == hinge[1]
     logistic = [RetrievalTask(temperature=t, objective="logistic")(Q, C, IDS).item() for t in (0.1, 1.0)]
     assert logistic[0] != pytest.approx(logistic[1])
+
+
+def test_per_row_draws_mixed_with_in_batch_negatives_use_the_mixture_probability():
+    # Mixed negatives with per-row draws (shared=False): B = 2 in-batch candidates with
+    # p_batch = count / 10 (counts 6, 3, 1, 0 -> floored to 1) plus n = 1 uniform draw per row over
+    # I = 4 items. Row i's candidates come from a pool in which item y is expected
+    # B p_batch(y) + n / I times, so every candidate of the row, in-batch or drawn, is corrected by
+    #   q(y) = (2 p_batch(y) + 1/4) / 3:
+    #   item 0: (1.2 + .25) / 3 = 1.45 / 3;  item 1: (.6 + .25) / 3 = .85 / 3;  items 2, 3: .45 / 3.
+    # All similarities are 0, so z(y) = -log q(y) = log 3 - log(3 q(y)); the log 3 cancels:
+    #   row 0 (positive 0; negatives: item 1 in-batch, its draw 3):
+    #       l0 = log(1/1.45 + 1/.85 + 1/.45) + log 1.45 = log(5.9281) = 1.7797
+    #   row 1 (positive 1; negatives: item 0 in-batch, its draw 2):
+    #       l1 = log(1/.85 + 1/1.45 + 1/.45) + log .85 = log(3.4751) = 1.2456
+    # mean 1.5127. (Per-part corrections, log p_batch for in-batch columns and log 1/4 for the draws,
+    # give log 5.4 and log 2.7 instead.)
+    counts = torch.tensor([6.0, 3.0, 1.0, 0.0])
+    task = RetrievalTask(
+        temperature=1.0,
+        sampling_probability=CountFrequency(counts),
+        sampler=UniformSampler(4),
+        num_sampled=1,
+        shared=False,
+    )
+    pos_ids = torch.tensor([0, 1])
+    torch.manual_seed(5)
+    assert torch.randint(0, 4, (2,)).tolist() == [3, 2]  # the draws the sampler makes under seed 5
+    torch.manual_seed(5)
+    zeros = torch.zeros(2, 2)
+    loss = task(zeros, zeros, pos_ids, embed_items=lambda ids: torch.zeros(len(ids), 2))
+    total = 1 / 1.45 + 1 / 0.85 + 1 / 0.45
+    expected = (math.log(total * 1.45) + math.log(total * 0.85)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(1.5127, abs=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["counts", "streaming"])
+def test_an_item_gets_one_log_q_whether_in_batch_or_drawn_per_row(estimator):
+    # Whatever the estimator's scale (probability per example, or occurrences per step), one row's
+    # candidates share one sampling distribution: the same item has the same log q in both parts.
+    from twotower.frequency import StreamingFrequencyEstimator
+
+    counts = torch.tensor([5.0, 1.0, 1.0, 3.0, 2.0, 0.0, 1.0, 4.0, 2.0, 1.0])
+    frequency = CountFrequency(counts) if estimator == "counts" else StreamingFrequencyEstimator(64, 2)
+    task = RetrievalTask(
+        temperature=0.5,
+        sampling_probability=frequency,
+        sampler=UniformSampler(10),
+        num_sampled=40,
+        shared=False,
+    )
+    pos_ids = torch.tensor([0, 3, 7, 0, 4, 8])
+    frequency.update(pos_ids)
+    torch.manual_seed(0)
+    (_, ids, log_q, _, log_q_pos), _ = _negatives(task, pos_ids)
+    for item in pos_ids.unique().tolist():
+        values = log_q[ids == item]
+        assert values.numel() > 1 and torch.allclose(values, values[0]), (item, values)
+        assert torch.allclose(log_q_pos[pos_ids == item], values[0])

@@ -39,7 +39,7 @@ class _Strict(BaseModel):
 class StreamingConfig(_Strict):
     num_buckets: int = Field(2**17, ge=1, description="hash buckets per hash function")
     num_hashes: int = Field(1, ge=1)
-    alpha: float = Field(0.01, gt=0, le=1)
+    alpha: float = Field(0.01, gt=0, lt=1, description="moving-average rate of the estimator, in (0, 1)")
 
 
 class HardNegativesConfig(_Strict):

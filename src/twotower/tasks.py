@@ -256,8 +256,19 @@ class RetrievalTask(nn.Module):
         if need_embed and embed_items is None:
             raise ValueError("sampled or hard negatives need embed_items (the item tower)")
         correct = self.sampling_probability is not None
+        # Per-row draws mixed with in-batch candidates: row i's candidates come from one pool (the
+        # batch's positives and the row's draws), so all of them, its positive included, are corrected
+        # by that pool's mixture q, as MixedSampler does for shared draws (not each part by its own q).
+        row_mixture = None
+        if correct and self.in_batch and self.num_sampled and not self.shared:
+            per_step = isinstance(self.sampling_probability, StreamingFrequencyEstimator)
+            row_mixture = MixedSampler(
+                self.sampler, self.num_sampled, self.sampling_probability, True, per_step
+            )
         if self.in_batch or (self.num_sampled and self.shared):
             pool_ids, pool_emb, pool_log_q = self._shared_pool(candidates, pos_ids, embed_items, shards)
+            if row_mixture is not None:
+                pool_log_q = row_mixture.log_probability(pool_ids, len(pool_ids)).to(query.device)
             sims = query @ pool_emb.T
             valid = torch.ones_like(sims, dtype=torch.bool)
             if self.in_batch:
@@ -272,6 +283,8 @@ class RetrievalTask(nn.Module):
             row_ids = drawn.ids.view(n_rows, self.num_sampled).to(query.device)
             emb = embed_items(row_ids.reshape(-1)).view(n_rows, self.num_sampled, -1)
             row_log_q = drawn.log_q.view(n_rows, -1) if correct else torch.zeros(row_ids.shape).double()
+            if row_mixture is not None:
+                row_log_q = row_mixture.log_probability(row_ids.reshape(-1), len(pool_ids)).view(n_rows, -1)
             if correct and not self.in_batch:
                 log_q_pos = self.sampler.log_probability(pos_ids).double()
             parts.append(
