@@ -136,6 +136,10 @@ def test_a_runs_stale_export_is_exported_again_with_its_index(runs, tmp_path):
     assert fresh["index"]["backend"] == "faiss-flat"
     exported = load_export(run_dir / "export")
     assert torch.equal(exported.item_embeddings, Retriever.load(run_dir).model.item_embeddings())
+    # a damaged export is exported again too (with the default index, its own being unreadable)
+    (run_dir / "export" / "index" / "index.json").write_text("{ not json")
+    assert "unreadable" in stale_export_reason(run_dir, run_dir / "export")
+    assert load_export(resolve_export(run_dir)).index.config.backend == "exact"
 
 
 def test_onnx_export_matches_pytorch(runs, tmp_path):

@@ -250,11 +250,15 @@ def resolve_export(path: str | Path, index: IndexConfig | None = None) -> Path:
         reason = stale_export_reason(path, export, index)
         if reason is None:
             return export
-        manifest = read_json(export / "manifest.json")
-        if index is None:
-            index = IndexConfig.model_validate(read_json(export / "index" / "index.json")["config"])
+        onnx = False
+        try:  # what the old export was built with, where it can still be read
+            onnx = bool(read_json(export / "manifest.json").get("onnx"))
+            if index is None:
+                index = IndexConfig.model_validate(read_json(export / "index" / "index.json")["config"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
         log.warning("%s is out of date (%s): exporting the run again", export, reason)
-        return export_run(path, index=index, onnx=bool(manifest.get("onnx")))
+        return export_run(path, index=index, onnx=onnx)
     if (path / "export" / "manifest.json").exists():
         return path / "export"
     if (path / "model.json").exists():
