@@ -302,3 +302,23 @@ def test_tied_scores_rank_the_lower_item_index_first_after_exclusion():
     )
     assert out["mrr@2"] == pytest.approx(1 / 2) and out["hit@1"] == 0.0 and out["hit@2"] == 1.0
     assert out["ndcg@2"] == pytest.approx((1 / math.log2(3)) / 1)
+
+
+def test_nan_item_embedding_raises_instead_of_ranking_first():
+    # User (1) scores items 1.0, NaN, 3.0. Test item 1 has a NaN embedding. Before the fix torch.topk
+    # ranked the NaN score above 3.0, so item 1 was retrieved at rank 1: hit@1 = mrr@1 = ndcg@1 = 1.0,
+    # a perfect score for a broken model. NaN has no rank: evaluation must refuse it.
+    items = torch.tensor([[1.0], [float("nan")], [3.0]])
+    users = torch.tensor([[1.0]])
+    for name in ("msrec", "tfrs"):
+        with pytest.raises(ValueError, match="NaN"):
+            evaluate_embeddings(
+                PROTOCOLS[name],
+                users,
+                items,
+                torch.tensor([0]),
+                torch.tensor([1]),
+                torch.tensor([0]),
+                torch.tensor([0]),
+                ks=(1,),
+            )

@@ -152,3 +152,19 @@ def test_genuine_minus_inf_scores_are_reported_empty():
     items = torch.tensor([[1.0], [float("-inf")], [2.0]])
     ids, vals = topk_items(torch.ones(1, 1), items, k=3)
     assert ids.tolist() == [[2, 0, -1]] and vals[0, 2] == NEG_INF
+
+
+@pytest.mark.parametrize("item_chunk", [1, 2, 100])
+def test_nan_scores_raise_unless_excluded(item_chunk: int):
+    # Scores for the query [1]: items 0..3 score 1, NaN, 3, 2. torch.topk ranks NaN above every
+    # number, so without a check item 1 came back first: ids [1, 2] for k = 2 instead of an error.
+    items = torch.tensor([[1.0], [float("nan")], [3.0], [2.0]])
+    with pytest.raises(ValueError, match="NaN"):
+        topk_items(torch.ones(1, 1), items, k=2, item_chunk=item_chunk)
+    # An excluded item's score never matters: with item 1 excluded the answer is 2 (3), 3 (2).
+    exclude = CSR.from_pairs(torch.tensor([0]), torch.tensor([1]), n_rows=1)
+    ids, vals = topk_items(torch.ones(1, 1), items, k=2, exclude=exclude, item_chunk=item_chunk)
+    assert ids.tolist() == [[2, 3]] and vals.tolist() == [[3.0, 2.0]]
+    # A NaN query (e.g. a diverged user tower) makes every score NaN: an error too.
+    with pytest.raises(ValueError, match="NaN"):
+        topk_items(torch.tensor([[float("nan")]]), items[[0, 2, 3]], k=1, item_chunk=item_chunk)

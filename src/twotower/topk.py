@@ -20,7 +20,8 @@ million-item catalogue within a few hundred MB with the defaults.
 
 Excluded items (e.g. a user's training items) are given the score -inf and can never be returned:
 any slot whose score is -inf is reported as the empty slot ``(id=-1, score=-inf)``. The same holds
-for an item whose genuine score is -inf. NaN scores have no defined rank and must not occur.
+for an item whose genuine score is -inf. NaN scores have no defined rank: a NaN score for any item
+that is not excluded raises ValueError (``torch.topk`` would silently rank it above every number).
 """
 
 from __future__ import annotations
@@ -206,6 +207,8 @@ def topk_items(
             if exclude is not None:
                 sel = (ex_cols >= i0) & (ex_cols < i1)
                 scores[ex_rows[sel], ex_cols[sel] - i0] = float("-inf")
+            if bool(torch.isnan(scores).any()):
+                raise ValueError(f"NaN scores among items [{i0}, {i1}): check the embeddings for NaN / inf")
             vals, idx = _block_topk(scores, k)
             pool_vals = torch.cat([best_vals, vals], dim=1)
             pool_ids = torch.cat([best_ids, idx + i0], dim=1)
