@@ -17,8 +17,8 @@ a. main: every method in twotower.ultr.METHODS x {position-based (pbm), cascade}
    training queries' true labels (the ULTRA protocol), top 10 shown, 10 sessions per query, 5 % RandTop-N
    sessions, clicks redrawn every epoch. Metrics against the TRUE labels of held-out queries (20 %);
    click log-likelihood and AUC on a held-out click log of those queries, logged by the same ranker.
-   (Rows measured before 2026-11-24 16:30 UTC logged the held-out clicks with a ranker fitted on 1 % of
-   the held-out queries' labels; only their click_loglik / click_auc depend on it.)
+   (Rows without a `held_out_log` field are older: their held-out clicks were logged by a ranker fitted
+   on 1 % of the held-out queries' own labels; only their click_loglik / click_auc depend on it.)
 b. sweep: synthetic world, pbm, logging score w * y + (1 - w) * U(0, 4) for w in {0, .25, .5, .75, 1}.
 c. curves: the examination curve learned by each two-tower method under pbm (synthetic world, mean over
    seeds) against the simulator's, per device, relative to rank 1 (from part a's runs).
