@@ -300,5 +300,7 @@ def test_a_feature_named_after_the_files_id_column_says_ids_are_renamed(tmp_path
     from twotower.features import IdFeature
 
     config.features.user = [IdFeature(name="user")]  # the file's column; the log's ids are renamed user_id
-    with pytest.raises(ValueError, match="always called user_id and item_id"):
+    with pytest.raises(
+        ValueError, match=r"log\.csv: features 'user' \(column 'user'\).*always called user_id and item_id"
+    ):
         build_retrieval_data(config)

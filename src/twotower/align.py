@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -58,8 +58,6 @@ log = logging.getLogger("twotower")
 
 class AlignConfig(SectionDefaults):
     """How an early stage is trained towards the main ranker (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(3, ge=1)
     lr: float = Field(1e-3, gt=0)

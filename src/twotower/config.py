@@ -26,7 +26,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SectionDefaults(BaseModel):
+class SectionDefaults(_Strict):
     """A config whose sections default to other values than their own classes do (a ranker's training
     runs 5 epochs of 256, not TrainConfig's 10 of 1024).
 

@@ -324,12 +324,9 @@ class FeatureEncoder:
     @staticmethod
     def _column(df: pd.DataFrame, spec: FeatureSpec) -> pd.Series:
         if spec.column not in df.columns:
-            hint = ""
-            if {"user_id", "item_id"} & set(df.columns):  # a dataset's entity frame
-                hint = "; the log's user and item id columns are always called user_id and item_id here"
             raise ValueError(
                 f"feature {spec.name!r} reads column {spec.column!r}, which is not in the frame "
-                f"(columns: {list(df.columns)}){hint}"
+                f"(columns: {list(df.columns)})"
             )
         return df[spec.column]
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from twotower.align import (
     AlignConfig,
@@ -67,8 +67,6 @@ VARIANTS: dict[str, tuple[str | None, AlignmentConfig]] = {
 
 
 class FunnelExperimentConfig(SectionDefaults):
-    model_config = ConfigDict(extra="forbid")
-
     quick: bool = Field(False, description="the small world and fewer epochs (tests, smoke runs)")
     seed: int = 0
     requests: int = Field(8000, ge=10, description="simulated impression requests")

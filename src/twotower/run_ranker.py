@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from safetensors import safe_open
 from torch import Tensor, nn
 
@@ -70,8 +70,6 @@ def pair_features(user_emb: Tensor, item_emb: Tensor) -> Tensor:
 
 
 class RunRankerConfig(SectionDefaults):
-    model_config = ConfigDict(extra="forbid")
-
     # PAL: p(click) = p(examined | position, device) * p(relevant | user, item). It was the best
     # method with the clicks loss in our ULTR benchmark, and its examination factor does not depend
     # on relevance, so the learned curve is a property of the UI that can be read and checked.

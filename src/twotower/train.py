@@ -175,7 +175,6 @@ def fit(
             state["epoch"] = epoch
             if stopping is not None:
                 _update_early_stopping(state, record, stopping.metric, stopping.patience, model, ckpt_dir)
-                state["best_metric_name"] = stopping.metric
             log.info("epoch %d: %s", epoch, _format_record(record))
             if progress:
                 tqdm.write(f"epoch {epoch}: {_format_record(record)}")
@@ -237,6 +236,7 @@ def _update_early_stopping(
         improved = False
     else:
         improved = best is None or not math.isfinite(best) or value > best
+    state["best_metric_name"] = metric  # what best_metric is a value of, for a resumed run to check
     if improved:
         state.update(best_metric=value, best_epoch=record["epoch"], bad_epochs=0)
         save_tensors(ckpt_dir / "best.safetensors", model.state_dict())

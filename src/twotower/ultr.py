@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from twotower.config import EarlyStoppingConfig, SectionDefaults, TrainConfig
@@ -81,8 +81,6 @@ METHODS: dict[str, dict] = {
 
 
 class UltrConfig(SectionDefaults):
-    model_config = ConfigDict(extra="forbid")
-
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     ranker: dict = Field(default_factory=dict, description="RankerConfig fields shared by every method")
     section_defaults: ClassVar[dict[str, dict[str, Any]]] = {

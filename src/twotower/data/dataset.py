@@ -124,6 +124,8 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
     # themselves, repeats included, so an id feature's min_count counts interactions.
     train_users, train_items = train_df[USER].unique(), train_df[ITEM].unique()
     tables = _table_names(config)
+    _check_feature_columns(config.features.user, user_frame, tables[USER])
+    _check_feature_columns(config.features.item, item_frame, tables[ITEM])
     with _naming(tables[USER]):
         user_encoder.fit(user_frame[user_frame[USER].isin(train_users)], id_values=train_df[USER])
         user_table = user_encoder.transform(user_frame)
@@ -218,6 +220,20 @@ def _naming(path: str | None) -> Iterator[None]:
         if path is None:
             raise
         raise ValueError(f"{path}: {exc}") from exc
+
+
+def _check_feature_columns(specs: list, frame: pd.DataFrame, path: str | None) -> None:
+    """Every feature's column is in its side's entity frame; a missing one usually names the file's id
+    column, which the loaders rename."""
+    missing = [
+        f"{spec.name!r} (column {spec.column!r})" for spec in specs if spec.column not in frame.columns
+    ]
+    if missing:
+        where = f"{path}: " if path else ""
+        raise ValueError(
+            f"{where}features {', '.join(missing)} read columns that are not there (columns: "
+            f"{list(frame.columns)}); the log's user and item id columns are always called {USER} and {ITEM}"
+        )
 
 
 def _holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
