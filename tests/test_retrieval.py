@@ -22,16 +22,17 @@ def test_plain_in_batch_softmax_by_hand():
 
 
 def test_logq_corrected_loss_equals_hand_computed_2x2():
-    # Q(item 0) = 3/4, Q(item 1) = 1/4: corrected logits [[2 - ln .75, 2 - ln .25], [0 - ln .75, 2 - ln .25]].
+    # Q(item 0) = 3/4, Q(item 1) = 1/4; a batch of B = 2 expects item y 2 Q(y) times, so the corrected
+    # logits are [[2 - ln 1.5, 2 - ln .5], [0 - ln 1.5, 2 - ln .5]] (the shared ln 2 leaves the loss as is).
     task = RetrievalTask(temperature=0.5, sampling_probability=CountFrequency(torch.tensor([3.0, 1.0])))
     loss = task(Q, C, torch.tensor([0, 1]))
-    # Row 0: positive 2.2877 vs negative 3.3863, a gap of ln 3, so -log(1 / (1 + 3)) = ln 4.
+    # Row 0: positive 1.5945 vs negative 2.6931, a gap of ln 3, so -log(1 / (1 + 3)) = ln 4.
     row0 = math.log(4)
-    # Row 1: positive 3.3863 vs negative 0.2877, a gap of 2 + ln 3.
+    # Row 1: positive 2.6931 vs negative -0.4055, a gap of 2 + ln 3.
     row1 = math.log(1 + math.exp(-2) / 3)
     assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
     logits = task.logits(Q, C, torch.tensor([0, 1]))
-    expected = torch.tensor([[2 - math.log(0.75), 2 - math.log(0.25)], [-math.log(0.75), 2 - math.log(0.25)]])
+    expected = torch.tensor([[2 - math.log(1.5), 2 - math.log(0.5)], [-math.log(1.5), 2 - math.log(0.5)]])
     assert torch.allclose(logits, expected, atol=1e-6)
 
 

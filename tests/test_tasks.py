@@ -10,9 +10,9 @@ from twotower.config import parse_config
 from twotower.data.dataset import build_retrieval_data
 from twotower.demo import popularity_metrics
 from twotower.experiment import train_run
-from twotower.frequency import CountFrequency
+from twotower.frequency import CountFrequency, StreamingFrequencyEstimator
 from twotower.losses import listwise_softmax
-from twotower.negatives import UniformSampler
+from twotower.negatives import ImpressionSampler, UniformSampler
 from twotower.recommender import Retriever
 from twotower.tasks import RetrievalTask
 
@@ -314,3 +314,34 @@ def test_an_item_gets_one_log_q_whether_in_batch_or_drawn_per_row(estimator):
         values = log_q[ids == item]
         assert values.numel() > 1 and torch.allclose(values, values[0]), (item, values)
         assert torch.allclose(log_q_pos[pos_ids == item], values[0])
+
+
+class _ExactRate(StreamingFrequencyEstimator):
+    """A streaming estimator (occurrences per batch) that knows the true rates B p(y) of a batch of 2."""
+
+    def log_probability(self, ids):
+        return torch.log(2 * torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)[ids])
+
+
+@pytest.mark.parametrize("estimator", ["counts", "streaming"])
+def test_chosen_negatives_weigh_like_a_candidate_expected_once_per_batch(estimator):
+    # p = counts / 4 = (.5, .25, .25); a batch of B = 2 positives (items 0, 1) expects item y
+    # B p(y) times: 1 and .5. Each user's one impression (item 2) is a chosen negative, present once:
+    # correction log 1 = 0. All similarities 0 at temperature 1, so z = -log E[n]: 0, log 2, 0.
+    #   row 0 (positive item 0, z 0; item 1 z log 2, impression z 0): log(1 + 2 + 1) = log 4
+    #   row 1 (positive item 1, z log 2; item 0 z 0, impression z 0): log(2 + 1 + 1) - log 2 = log 2
+    # mean 1.5 log 2. The old correction, -log p for drawn candidates and nothing for chosen ones,
+    # gave (log 3.5 + log 1.75) / 2 with counts and another value per estimator.
+    counts = torch.tensor([2.0, 1.0, 1.0])
+    frequency = CountFrequency(counts) if estimator == "counts" else _ExactRate()
+    impressions = ImpressionSampler.from_pairs(torch.tensor([0, 1]), torch.tensor([2, 2]), num_users=2)
+    task = RetrievalTask(
+        temperature=1.0, sampling_probability=frequency, impressions=impressions, impressions_num=1
+    )
+    task.eval()  # the streaming estimator learns nothing from this batch
+    zeros = torch.zeros(2, 2)
+    batch = {"user_idx": torch.tensor([0, 1]), "item_idx": torch.tensor([0, 1])}
+    loss = task(
+        zeros, zeros, torch.tensor([0, 1]), batch=batch, embed_items=lambda ids: torch.zeros(len(ids), 2)
+    )
+    assert loss.item() == pytest.approx(1.5 * math.log(2), rel=1e-6)

@@ -218,16 +218,25 @@ class MixedSampler(nn.Module):
     def log_probability(self, ids: Tensor, batch_size: int, n_extra: int | None = None) -> Tensor:
         """log q(ids) of the mixture for a pool of ``batch_size`` in-batch and ``n_extra`` extra items."""
         n_extra = self.n_extra if n_extra is None else n_extra
+        pool = (batch_size if self.in_batch else 0) + n_extra
+        return self.log_expected_count(ids, batch_size, n_extra) - math.log(pool)
+
+    def log_expected_count(self, ids: Tensor, batch_size: int, n_extra: int | None = None) -> Tensor:
+        """log of how often each id is expected in the pool: B * p_batch + B' * p_extra = (B + B') q.
+
+        The scale the retrieval task corrects every candidate on, so that candidates that were not
+        drawn at all (hard negatives, impressions: count 1) weigh the same as drawn ones."""
+        n_extra = self.n_extra if n_extra is None else n_extra
         if not self.in_batch or batch_size == 0:
-            return self.extra.log_probability(ids).double()
+            return self.extra.log_probability(ids).double() + math.log(n_extra)
         assert self.frequency is not None
         log_batch = self.frequency.log_probability(ids).double()  # log(B * p_batch) after the shift:
         if not self.per_step:
             log_batch = log_batch + math.log(batch_size)
         if n_extra == 0:
-            return log_batch - math.log(batch_size)
+            return log_batch
         log_extra = self.extra.log_probability(ids).double().to(log_batch.device) + math.log(n_extra)
-        return torch.logaddexp(log_batch, log_extra) - math.log(batch_size + n_extra)
+        return torch.logaddexp(log_batch, log_extra)
 
     def candidates(
         self, batch_item_ids: Tensor, generator: torch.Generator | None = None, n_extra: int | None = None

@@ -18,10 +18,13 @@ uniformly or by popularity^alpha, shared by the whole batch or drawn per row; ha
 user's top-scored non-positives, re-mined every ``refresh_every`` steps). A negative equal to its
 row's positive (an accidental hit) is removed in every scheme.
 
-The logQ correction subtracts log q(y), y's probability of being drawn as a candidate: the item
-frequency (exact counts or the streaming estimate) for in-batch candidates, the sampler's exact
-probability for sampled ones, the mixture of both when they are mixed. Hard negatives are chosen, not
-sampled from a known q, so they carry no correction.
+The logQ correction subtracts log E[n(y)], the log of how often y is expected among the row's drawn
+candidates: B * p(y) for in-batch candidates (p the item frequency, from exact counts or the streaming
+estimate, which counts per batch already), n * q(y) for n draws from a sampler with probability q, their
+sum when the two are mixed (Yang et al. 2020). Within one kind of candidate this is Yi et al.'s
+-log q(y) up to a constant, which the softmax ignores; across kinds the common scale matters. Hard and
+impressed-not-clicked negatives are chosen, not drawn from a known q: each counts once (correction 0),
+so they weigh like a drawn candidate expected once per batch, whichever frequency estimator is used.
 
 Several training processes (``twotower.distributed``), each holding a shard of the global batch: while
 training, the shared pool is every rank's (positives' embeddings and shared draws all-gathered WITH
@@ -35,6 +38,7 @@ Per-row negatives (unshared draws, hard, impressions) belong to the rank's own r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -120,16 +124,18 @@ class RetrievalTask(nn.Module):
         if positives is not None:
             self.register_buffer("positives_indptr", positives[0].long())
             self.register_buffer("positives_items", positives[1].long())
+        # The streaming estimator counts occurrences per (global) batch, exact counts give a probability.
+        self.per_step = isinstance(sampling_probability, StreamingFrequencyEstimator)
         self.mixed: MixedSampler | None = None
         if in_batch and sampler is not None and shared and sampling_probability is not None:
-            per_step = isinstance(sampling_probability, StreamingFrequencyEstimator)
-            self.mixed = MixedSampler(sampler, num_sampled, sampling_probability, True, per_step)
+            self.mixed = MixedSampler(sampler, num_sampled, sampling_probability, True, self.per_step)
 
     def logits(self, query: Tensor, candidates: Tensor, candidate_ids: Tensor) -> Tensor:
-        """In-batch logit matrix [B, B]: z_ij = <q_i, c_j> / T - log Q(y_j), accidental hits at -1e9."""
+        """In-batch logit matrix [B, B]: z_ij = <q_i, c_j> / T - log(B p(y_j)), accidental hits at -1e9."""
         logits = query @ candidates.T / self.temperature
         if self.sampling_probability is not None:
-            logits = logits - self.sampling_probability.log_probability(candidate_ids).to(logits)[None, :]
+            log_count = self._batch_log_count(candidate_ids.long(), len(candidate_ids))
+            logits = logits - log_count.to(logits)[None, :]
         if self.remove_accidental_hits:
             same = candidate_ids[:, None] == candidate_ids[None, :]
             same.fill_diagonal_(False)
@@ -211,7 +217,7 @@ class RetrievalTask(nn.Module):
             positive_of_row,
             candidate_count,
             self.temperature,
-            log_q=self.sampling_probability.log_probability(candidate_ids) if correct else None,
+            log_q=self._batch_log_count(candidate_ids, len(positive_of_row)) if correct else None,
             remove_accidental_hits=self.remove_accidental_hits,
             weight=sample_weight,
         )
@@ -248,7 +254,8 @@ class RetrievalTask(nn.Module):
         embed_items: Callable[[Tensor], Tensor] | None,
         shards: distributed.Shards | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Similarities, ids, log q and validity [B, N] of every negative, plus log q of each positive."""
+        """Similarities, ids, log E[n] and validity [B, N] of every negative, plus log E[n] of each
+        positive (the correction's scale, module docstring)."""
         n_rows = len(query)
         parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         log_q_pos = torch.zeros(n_rows, dtype=torch.float64, device=query.device)
@@ -258,17 +265,16 @@ class RetrievalTask(nn.Module):
         correct = self.sampling_probability is not None
         # Per-row draws mixed with in-batch candidates: row i's candidates come from one pool (the
         # batch's positives and the row's draws), so all of them, its positive included, are corrected
-        # by that pool's mixture q, as MixedSampler does for shared draws (not each part by its own q).
+        # by that pool's mixture count, as MixedSampler does for shared draws (not each part by its own q).
         row_mixture = None
         if correct and self.in_batch and self.num_sampled and not self.shared:
-            per_step = isinstance(self.sampling_probability, StreamingFrequencyEstimator)
             row_mixture = MixedSampler(
-                self.sampler, self.num_sampled, self.sampling_probability, True, per_step
+                self.sampler, self.num_sampled, self.sampling_probability, True, self.per_step
             )
         if self.in_batch or (self.num_sampled and self.shared):
             pool_ids, pool_emb, pool_log_q = self._shared_pool(candidates, pos_ids, embed_items, shards)
             if row_mixture is not None:
-                pool_log_q = row_mixture.log_probability(pool_ids, len(pool_ids)).to(query.device)
+                pool_log_q = row_mixture.log_expected_count(pool_ids, len(pool_ids)).to(query.device)
             sims = query @ pool_emb.T
             valid = torch.ones_like(sims, dtype=torch.bool)
             if self.in_batch:
@@ -276,17 +282,20 @@ class RetrievalTask(nn.Module):
                 valid[:, first : first + n_rows].fill_diagonal_(False)  # row i's own positive
                 log_q_pos = pool_log_q[first : first + n_rows]
             elif correct:
-                log_q_pos = self.sampler.log_probability(pos_ids).double()
+                log_q_pos = self.sampler.log_probability(pos_ids).double() + math.log(len(pool_ids))
             parts.append((sims, pool_ids.expand(n_rows, -1), pool_log_q.expand(n_rows, -1), valid))
         if self.num_sampled and not self.shared:
             drawn = self.sampler.sample(batch, n_rows * self.num_sampled)
             row_ids = drawn.ids.view(n_rows, self.num_sampled).to(query.device)
             emb = embed_items(row_ids.reshape(-1)).view(n_rows, self.num_sampled, -1)
-            row_log_q = drawn.log_q.view(n_rows, -1) if correct else torch.zeros(row_ids.shape).double()
+            row_log_q = torch.zeros(row_ids.shape).double()
+            if correct:
+                row_log_q = drawn.log_q.view(n_rows, -1).double() + math.log(self.num_sampled)
             if row_mixture is not None:
-                row_log_q = row_mixture.log_probability(row_ids.reshape(-1), len(pool_ids)).view(n_rows, -1)
+                log_count = row_mixture.log_expected_count(row_ids.reshape(-1), len(pool_ids))
+                row_log_q = log_count.view(n_rows, -1)
             if correct and not self.in_batch:
-                log_q_pos = self.sampler.log_probability(pos_ids).double()
+                log_q_pos = self.sampler.log_probability(pos_ids).double() + math.log(self.num_sampled)
             parts.append(
                 (
                     torch.einsum("bd,bnd->bn", query, emb),
@@ -295,8 +304,8 @@ class RetrievalTask(nn.Module):
                     torch.ones_like(row_ids, dtype=torch.bool),
                 )
             )
-        # Hard and impressed-not-clicked negatives are chosen per user, not drawn from a known q:
-        # they carry no logQ correction.
+        # Hard and impressed-not-clicked negatives are chosen per user, not drawn from a known q: each
+        # is in the row's candidates once, log E[n] = 0 on the scale of the drawn ones.
         for chooser, num in ((self.miner, self.hard_num), (self.impressions, self.impressions_num)):
             if not num:
                 continue
@@ -340,22 +349,27 @@ class RetrievalTask(nn.Module):
             ids = distributed.regroup(distributed.gather_rows(ids, totals), counts)
             emb = distributed.regroup(distributed.gather_rows(emb, totals, grad=True), counts)
         n_pos, n_extra = len(ids) - sum(draws), sum(draws)
-        if self.mixed is not None:  # mixed negatives, the mixture's probability for the correction
-            return ids, emb, self.mixed.log_probability(ids, n_pos, n_extra)
+        if self.mixed is not None:  # mixed negatives: the mixture's expected count for the correction
+            return ids, emb, self.mixed.log_expected_count(ids, n_pos, n_extra)
         log_q_parts = []
         if self.in_batch:
             log_q_parts.append(
-                self.sampling_probability.log_probability(ids[:n_pos]).double()
+                self._batch_log_count(ids[:n_pos], n_pos)
                 if correct
                 else torch.zeros(n_pos, dtype=torch.float64)
             )
         if n_extra:
             log_q_parts.append(
-                self.sampler.log_probability(ids[n_pos:]).double()
+                self.sampler.log_probability(ids[n_pos:]).double() + math.log(n_extra)
                 if correct
                 else torch.zeros(n_extra).double()
             )
         return ids, emb, torch.cat([q.to(device) for q in log_q_parts])
+
+    def _batch_log_count(self, ids: Tensor, batch_size: int) -> Tensor:
+        """log(B * p(ids)): how often each id is expected among a batch's B positives."""
+        log_q = self.sampling_probability.log_probability(ids).double()
+        return log_q if self.per_step else log_q + math.log(batch_size)
 
     # --- objectives ------------------------------------------------------------------------------
     def _loss(
