@@ -78,3 +78,54 @@ def test_align_command(run, tmp_path) -> None:
     no_ranker = runner.invoke(app, ["align", str(tmp_path / "a"), "--out", str(tmp_path / "c")])
     assert no_ranker.exit_code != 0 and "train-ranker" in no_ranker.output
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_history_run_aligns(tmp_path) -> None:
+    # A history model (training_view "before" by default) needs each positive's history_end: align
+    # used to hand it bare (user, item) pairs and crashed with a KeyError from compute_loss.
+    from twotower.config import RunConfig
+    from twotower.experiment import train_run
+
+    source = tmp_path / "run"
+    train_run(RunConfig.model_validate({
+        "data": {"source": "synthetic", "world": {"num_users": 150, "num_items": 90, "seed": 1}},
+        "model": {"temperature": 0.1, "user_tower": {"layers": [16]}, "item_tower": {"layers": [16]},
+                  "history": {"enabled": True}},
+        "train": {"epochs": 1, "batch_size": 128, "lr": 0.01, "seed": 0},
+        "eval": {"protocol": "temporal", "ks": [10]},
+    }), source, progress=False)  # fmt: skip
+    # The run keeps each pair's history_end (events of the same second are not in each other's history).
+    from twotower.storage import load_tensors
+
+    pairs = load_tensors(source / "train_pairs.safetensors")
+    assert pairs["history_end"].shape == pairs["user_idx"].shape and int(pairs["history_end"].max()) > 0
+    world = SyntheticWorld.generate(load_config(source / "config.yaml").data.world)
+    log = simulate_impressions(Retriever.load(source), world, 300, seed=0, candidates=30, offset=1.0)
+    log.drop(columns="true_affinity").to_csv(tmp_path / "log.csv", index=False)
+    ranker = RunRankerConfig.model_validate({"columns": {"user": "user_id"}, "train": {"epochs": 1}})
+    train_run_ranker(source, tmp_path / "log.csv", ranker)
+    config = AlignRunConfig.model_validate({"align": {"epochs": 1, "candidates": 10, "random": 5}})
+    summary = align_run(source, tmp_path / "aligned", config, impressions=tmp_path / "log.csv")
+    assert summary["click_positives"] > 0 and "retrieval" in summary["history"][0]
+
+
+def test_clicks_are_read_with_the_rankers_bad_row_policy(tmp_path) -> None:
+    # A ranker trained with on_bad_rows="skip" on a log with a bad row: align read the same log with
+    # the default "raise" and refused it.
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from twotower.align_run import _log_clicks
+    from twotower.data.impressions import ImpressionColumns
+
+    frame = pd.DataFrame({"request_id": [0, 0, 1], "item_id": [1, 2, 1], "position": [1, 2, 0],
+                          "click": [1, 0, 1], "user_id": [0, 0, 1]})  # fmt: skip
+    frame.to_csv(tmp_path / "log.csv", index=False)  # the last row's position 0 is invalid
+    config = SimpleNamespace(columns=ImpressionColumns(user="user_id"), on_bad_rows="skip")
+    ranker = SimpleNamespace(config=config)
+    retriever = SimpleNamespace(user_ids=np.array([0, 1]), item_ids=np.array([1, 2]))
+    run_config = AlignRunConfig.model_validate({"debias": {"method": "none"}})
+    clicks = _log_clicks(tmp_path / "log.csv", run_config, ranker, retriever)  # type: ignore[arg-type]
+    assert clicks.user_idx.tolist() == [0] and clicks.item_idx.tolist() == [0]

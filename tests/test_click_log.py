@@ -1,6 +1,7 @@
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from twotower.data.click_log import (
@@ -8,10 +9,12 @@ from twotower.data.click_log import (
     SimulationConfig,
     _top_n,
     estimate_propensities,
+    from_impressions,
     logging_scores,
     simulate_click_log,
 )
 from twotower.data.click_models import ClickModel
+from twotower.data.impressions import ImpressionLists
 from twotower.data.ltr import RankingData
 
 
@@ -126,3 +129,48 @@ def test_queries_shorter_than_top_n_leave_empty_slots_unclicked():
     assert (log.docs[:, 3:] == -1).all() and (log.labels[:, 3:] == -1).all()
     assert log.clicks[:, 3:].sum() == 0 and log.examination[:, 3:].sum() == 0
     assert (log.docs[:, :3] >= 0).all()  # RandTop-N shuffles the filled slots only
+
+
+def test_production_ranker_without_ridge_fits_despite_a_constant_feature():
+    # Feature 1 is constant: with ridge=0 the normal equations were singular (LinAlgError). Labels
+    # are exactly feature 0, so the least-squares fit scores every document by its label.
+    x = np.array([[0, 5], [1, 5], [2, 5], [3, 5]], dtype=np.float32)
+    data = RankingData("c", x, np.array([0, 1, 2, 3]), np.array([0, 4]), 3, ["a", "b"])
+    scores = logging_scores(data, LoggingPolicyConfig(kind="production", ridge=0.0, label_share=1.0), seed=0)
+    assert scores == pytest.approx([0.0, 1.0, 2.0, 3.0], abs=1e-6)
+
+
+def test_scores_must_be_one_finite_number_per_document():
+    data = _planted(num_queries=2, per_query=3)
+    cfg = SimulationConfig(top_n=3, sessions_per_query=1)
+    scores = np.arange(6, dtype=np.float64)
+    scores[4] = np.nan  # was taken for an empty slot: document 4 was never shown
+    with pytest.raises(ValueError, match=r"scores must be \[6\] finite"):
+        simulate_click_log(data, scores, cfg, seed=0)
+    with pytest.raises(ValueError, match=r"scores must be \[6\] finite"):
+        simulate_click_log(data, np.arange(5.0), cfg, seed=0)
+
+
+def _lists() -> ImpressionLists:
+    return ImpressionLists(
+        request_ids=np.array([1, 2]),
+        items=np.array([[10, 11], [12, -1]]),
+        mask=np.array([[True, True], [True, False]]),
+        clicks=np.array([[1, 0], [0, 0]], dtype=np.float32),
+        labels=None,
+        context={"device": np.array(["m", "d"], dtype=object)},
+        user_ids=None,
+    )
+
+
+def test_from_impressions_refuses_missing_item_features_and_unknown_context():
+    items = pd.DataFrame({"item_id": [10, 11, 12, 13], "price": [1.0, 2.0, 3.0, np.nan]})
+    data, log = from_impressions(_lists(), items, context="device")  # item 13 is not shown: fine
+    assert data.features[:, 0].tolist() == [1.0, 2.0, 3.0] and log.device_names == ["d", "m"]
+    # nan used to flow into the features; a missing text value crashed sorting the categories.
+    with pytest.raises(ValueError, match="column 'price' is missing for item 11"):
+        from_impressions(_lists(), items.assign(price=[1.0, np.nan, 3.0, 4.0]))
+    with pytest.raises(ValueError, match="column 'kind' is missing for item 12"):
+        from_impressions(_lists(), items.assign(price=1.0, kind=["a", "b", None, "c"]))
+    with pytest.raises(ValueError, match=r"no context column 'devic'.*\['device'\]"):
+        from_impressions(_lists(), items, context="devic")

@@ -150,3 +150,13 @@ def test_ultra_table_past_rank_ten_and_eta_zero():
     labels[0, 10] = 1
     exam = model.examination(labels, np.array([0]))[0]
     assert exam[:11] == pytest.approx([0.68] * 11) and exam[11] == 0.0
+
+
+def test_device_indices_outside_the_configured_devices_are_refused():
+    model = ClickModel(ClickModelConfig(), max_label=1, num_positions=2)  # desktop, mobile
+    labels = np.ones((1, 2), dtype=np.int64)
+    # -1 used to pick mobile's curve silently (numpy counts from the end); 2 failed with an IndexError.
+    for device in ([-1], [2], [0.0]):
+        with pytest.raises(ValueError, match=r"device indices 0\.\.1"):
+            model.click_probability(labels, np.array(device))
+    assert model.click_probability(labels, np.array([1]))[0] == pytest.approx([0.68**2, 0.61**2])

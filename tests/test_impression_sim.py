@@ -206,3 +206,13 @@ def test_the_log_has_the_schema_read_impressions_reads_and_round_trips(world, tm
     lists = read.to_lists()
     assert lists.items.shape == (300, 6) and lists.mask.all()
     assert lists.clicks.sum() == log["click"].sum()
+
+
+def test_catalogue_size_and_negative_eta_are_validated(world) -> None:
+    retriever = _retriever(np.ones((2, 2)), np.eye(2)[[0, 1, 0, 1, 0]])  # a run with 5 items
+    # torch.topk used to fail with "selected index k out of range".
+    with pytest.raises(ValueError, match=r"candidates=6 exceeds the catalogue \(5 items\)"):
+        simulate_impressions(retriever, world, 3, shown=2, candidates=6)
+    # A negative eta made (1 / position) ** eta exceed 1 at every rank past the first.
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        simulate_impressions(retriever, world, 3, shown=2, candidates=5, eta={"tv": -1.0})

@@ -108,3 +108,23 @@ def test_from_letor_shuffles_documents_within_queries(tmp_path):
         assert not (np.diff(data.labels[rows]) <= 0).all()
     again = from_letor(raw, log_transform=False)
     assert np.array_equal(again.features, data.features)  # seeded
+
+
+def test_no_documents_is_a_clear_error(tmp_path):
+    from twotower.data.ltr import from_letor
+
+    # Both used to fail with numpy's "zero-size array to reduction operation" message.
+    with pytest.raises(ValueError, match="no documents"):
+        RankingData("t", np.zeros((0, 1), np.float32), np.zeros(0, np.int64), np.array([0]), 4, ["x"])
+    with pytest.raises(ValueError, match="no documents"):
+        from_letor(_letor(tmp_path, "# only a comment\n"))
+
+
+def test_label_shares_must_be_positive_and_sum_to_one():
+    world = SyntheticWorld.generate(WorldConfig(num_users=20, num_items=50, seed=0))
+    # (.6, .3, .2) used to give labels 0/1/2 60/30/10 %; percentages failed inside np.quantile.
+    for shares in ((0.6, 0.3, 0.2), (50.0, 25.0, 15.0, 7.0, 3.0), (0.5, 0.5, 0.0)):
+        with pytest.raises(ValueError, match="label_shares must be positive and sum to 1"):
+            from_synthetic_world(world, candidates=20, label_shares=shares)
+    data = from_synthetic_world(world, candidates=20, label_shares=(0.6, 0.3, 0.1))
+    assert np.bincount(data.labels).tolist() == [240, 120, 40] and data.max_label == 2

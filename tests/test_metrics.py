@@ -314,3 +314,13 @@ def test_hand_built_csr_with_a_duplicate_counts_the_relevant_item_once():
     assert float(recall_at_k(topk, csr, 2)[0]) == pytest.approx(1.0)
     assert float(map_at_k(topk, csr, 2)[0]) == pytest.approx(1.0)
     assert compute_metrics(topk, csr, ks=(2,), names=("recall",))["recall@2"] == pytest.approx(1.0)
+
+
+def test_hit_matrix_with_raw_64_bit_item_ids():
+    # CSR.from_pairs accepts any int64 column. With 3 rows and an id of 2**62 the key q * W + item
+    # (W = 2**62 + 1) wrapped around for q = 2 and the binary search missed every hit.
+    relevant = relevant_csr([[5], [7], [3, 2**62]])
+    topk = torch.tensor([[5, 1], [7, -1], [2**62, 3]])
+    assert hit_matrix(topk, relevant).tolist() == [[True, False], [True, False], [True, True]]
+    # Every query retrieved all of its relevant items within the top 2: recall 1 each.
+    assert recall_at_k(topk, relevant, 2).tolist() == [1.0, 1.0, 1.0]

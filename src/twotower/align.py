@@ -155,10 +155,14 @@ def click_positives(labels: pd.DataFrame, user_ids: np.ndarray, item_ids: np.nda
 
 
 def concat_positives(a: Interactions, b: Interactions) -> Interactions:
-    """``a`` then ``b``, weighted (1 where a side has no weights)."""
+    """``a`` then ``b``, weighted (1 where a side has no weights); ``history_end`` is kept when both
+    sides have one (a history model trained on events "before" its targets needs it)."""
     weights = [x.weight if x.weight is not None else torch.ones(len(x)) for x in (a, b)]
+    ends = (
+        None if a.history_end is None or b.history_end is None else torch.cat([a.history_end, b.history_end])
+    )
     return Interactions(
-        torch.cat([a.user_idx, b.user_idx]), torch.cat([a.item_idx, b.item_idx]), torch.cat(weights)
+        torch.cat([a.user_idx, b.user_idx]), torch.cat([a.item_idx, b.item_idx]), torch.cat(weights), ends
     )
 
 

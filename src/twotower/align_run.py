@@ -21,12 +21,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from twotower.align import AlignConfig, Teacher, align_retrieval, click_positives, concat_positives
 from twotower.data.dataset import Interactions
 from twotower.data.impressions import read_impressions
 from twotower.debiased_labels import DebiasConfig, debiased_labels
+from twotower.history import history_positions
 from twotower.recommender import Retriever
 from twotower.reranker import RANKER_DIR, STAGES, RunRanker, sha256_file
 from twotower.storage import load_tensors, save_tensors, staging_dir_beside, write_json
@@ -45,8 +47,9 @@ class AlignRunConfig(BaseModel):
 
 
 def _log_clicks(path: Path, config: AlignRunConfig, ranker: RunRanker, retriever: Retriever) -> Interactions:
-    # The columns the ranker was trained with: the same log format, its context column included.
-    frame = read_impressions(path, ranker.config.columns).frame
+    # The columns the ranker was trained with: the same log format, its context column included, and
+    # its bad-row policy (a log the ranker was trained on with on_bad_rows="skip" must not fail here).
+    frame = read_impressions(path, ranker.config.columns, ranker.config.on_bad_rows).frame
     labels = debiased_labels(frame, ranker, config.debias)
     return click_positives(labels, retriever.user_ids, retriever.item_ids)
 
@@ -70,10 +73,18 @@ def align_run(
     model = retriever.model.eval()
     teacher = Teacher(ranker, model.user_embeddings(), model.item_embeddings())
     pairs = load_tensors(run_dir / "train_pairs.safetensors")
-    positives = Interactions(pairs["user_idx"].long(), pairs["item_idx"].long())
+    users = pairs["user_idx"].long()
+    # A history model trained on events "before" each target needs each pair's history_end, saved with
+    # the pairs (events of the same second are not before one another). Runs saved before it was kept:
+    # the pairs are in the order the model's history holds them, so the user's count of earlier pairs.
+    ends = pairs.get("history_end")
+    ends = history_positions(users, model.num_users) if ends is None else ends.long()
+    positives = Interactions(users, pairs["item_idx"].long(), history_end=ends)
     n_clicks = 0
     if impressions is not None:
         clicks = _log_clicks(Path(impressions), config, ranker, retriever)
+        # A logged click comes after the training log: the user's whole history precedes it.
+        clicks.history_end = torch.bincount(users, minlength=model.num_users)[clicks.user_idx]
         n_clicks = len(clicks)
         positives = concat_positives(positives, clicks)
     history = align_retrieval(model, teacher, positives, config.align, config.batch_size, progress)

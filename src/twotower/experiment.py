@@ -248,10 +248,10 @@ def _fit_summary(result: FitResult, total_seconds: float) -> dict[str, Any]:
 def save_model(model: TwoTowerModel, data: RetrievalData, config: RunConfig, run_dir: Path) -> None:
     """Write the servable model: weights + tables (safetensors) and everything else (JSON)."""
     save_tensors(run_dir / "model.safetensors", model.state_dict())
-    save_tensors(
-        run_dir / "train_pairs.safetensors",
-        {"user_idx": data.train.user_idx, "item_idx": data.train.item_idx},
-    )
+    pairs = {"user_idx": data.train.user_idx, "item_idx": data.train.item_idx}
+    if data.train.history_end is not None:  # what each pair's history may see (ties in time excluded)
+        pairs["history_end"] = data.train.history_end
+    save_tensors(run_dir / "train_pairs.safetensors", pairs)
     titles = None
     if data.items is not None:
         save_item_table(data.items, data.item_ids, run_dir / "items.parquet")

@@ -62,10 +62,15 @@ def hit_matrix(topk_ids: Tensor, relevant: CSR) -> Tensor:
     indptr, indices = relevant.indptr.to(device), relevant.indices.to(device)
     if indices.numel() == 0 or topk_ids.numel() == 0:
         return torch.zeros((n_q, n_k), dtype=torch.bool, device=device)
-    width = max(int(indices.max()), int(topk_ids.max())) + 1
+    ids = topk_ids.long()
+    width = max(int(indices.max()), int(ids.max())) + 1
+    if n_q * width >= 2**63:  # raw 64-bit ids: keys would wrap, so rank the ids present instead
+        present = torch.unique(torch.cat([indices, ids[ids >= 0]]))  # sorted: the order is kept
+        indices = torch.searchsorted(present, indices)
+        ids = torch.where(ids >= 0, torch.searchsorted(present, ids.clamp(min=0)), ids)
+        width = present.numel()
     rows = torch.repeat_interleave(torch.arange(n_q, device=device), indptr.diff())
     rel_keys = rows * width + indices  # sorted and unique: the CSR is canonical
-    ids = topk_ids.long()
     keys = torch.arange(n_q, device=device).unsqueeze(1) * width + ids.clamp(min=0)
     pos = torch.searchsorted(rel_keys, keys).clamp(max=rel_keys.numel() - 1)
     return (rel_keys[pos] == keys) & (ids >= 0)

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from twotower.data.click_models import ClickModel, ClickModelConfig
 from twotower.data.impressions import ImpressionLists
+from twotower.data.loader import _py
 from twotower.data.ltr import RankingData
 
 __all__ = [
@@ -118,7 +119,9 @@ def logging_scores(
     xs, ys = design(source)[rows], source.labels[rows].astype(np.float64)
     penalty = config.ridge * np.eye(xs.shape[1])
     penalty[-1, -1] = 0.0  # no penalty on the intercept
-    weights = np.linalg.solve(xs.T @ xs + penalty, xs.T @ ys)
+    # lstsq, not solve: with ridge=0 a constant feature (or fewer labelled documents than features)
+    # makes the system singular; lstsq gives the minimum-norm least-squares fit instead of an error.
+    weights = np.linalg.lstsq(xs.T @ xs + penalty, xs.T @ ys, rcond=None)[0]
     return design(data) @ weights
 
 
@@ -145,6 +148,10 @@ def simulate_click_log(
     sessions_per_query: int | None = None,
 ) -> ClickLog:
     """Log every query of ``data`` ``sessions_per_query`` times under the policy ``scores``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != data.labels.shape or not np.isfinite(scores).all():
+        # A nan score would be taken for an empty slot: the document would silently never be shown.
+        raise ValueError(f"scores must be [{len(data.labels)}] finite numbers, got shape {scores.shape}")
     rng = np.random.default_rng([seed, 22])
     model = ClickModel(config.click_model, data.max_label, config.top_n)
     per_query = sessions_per_query or config.sessions_per_query
@@ -212,10 +219,16 @@ def from_impressions(
         raise ValueError(
             f"{len(unknown)} shown items are missing from the item table, e.g. {list(unknown[:5])}"
         )
+    if context is not None and context not in lists.context:
+        raise ValueError(f"no context column {context!r} in the log; it has {list(lists.context)}")
     rows = table.loc[shown]
     parts, names = [], []
     for column in rows.columns:
         values = rows[column]
+        if values.isna().any():  # nan features would train to nan; a missing category broke the sort
+            raise ValueError(
+                f"item table column {column!r} is missing for item {_py(values.index[values.isna()][0])!r}"
+            )
         if pd.api.types.is_numeric_dtype(values):
             parts.append(values.to_numpy(np.float32)[:, None])
             names.append(column)

@@ -134,6 +134,12 @@ class ClickModel:
             raise ValueError(f"labels must be [sessions, <= {self.num_positions}], got {labels.shape}")
         if device.shape != labels.shape[:1]:
             raise ValueError(f"device must be [{labels.shape[0]}], got {device.shape}")
+        n_dev = len(self.device_names)
+        # A negative index would silently pick another device's curve (numpy counts from the end).
+        if device.size and (device.dtype.kind not in "iu" or device.min() < 0 or device.max() >= n_dev):
+            raise ValueError(
+                f"device must hold device indices 0..{n_dev - 1} ({self.device_names}), got {device}"
+            )
         return labels, device
 
     def _relevant(self, labels: np.ndarray) -> np.ndarray:

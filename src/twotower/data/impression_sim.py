@@ -55,9 +55,13 @@ def simulate_impressions(
         raise ValueError(f"relevance must be 'affinity' or 'taste', got {relevance!r}")
     if shown > candidates:
         raise ValueError(f"shown={shown} exceeds candidates={candidates}")
+    if any(e < 0 for e in eta.values()):  # (1 / position) ** eta would exceed 1
+        raise ValueError(f"eta must be >= 0 for every device, got {eta}")
     rng = np.random.default_rng([seed, 41])
     model = retriever.model
     user_emb, item_emb = model.user_embeddings(), model.item_embeddings()
+    if candidates > len(item_emb):  # torch.topk would fail with "selected index k out of range"
+        raise ValueError(f"candidates={candidates} exceeds the catalogue ({len(item_emb)} items)")
     users = rng.integers(0, len(user_emb), requests)
     # Each request's candidates: the user's top retrieved items (chunked: catalogues may be large).
     top = np.concatenate(

@@ -51,6 +51,8 @@ class RankingData:
 
     def __post_init__(self) -> None:
         d = len(self.labels)
+        if d == 0:  # labels.min() below would fail with numpy's "zero-size array" message
+            raise ValueError(f"{self.name}: no documents")
         if self.features.shape[0] != d or self.query_offsets[-1] != d or self.query_offsets[0] != 0:
             raise ValueError("features, labels and query_offsets disagree on the number of documents")
         if np.any(np.diff(self.query_offsets) < 1):
@@ -103,6 +105,8 @@ def _signed_log(x: np.ndarray) -> np.ndarray:
 def from_letor(
     data: LetorData, max_label: int | None = None, log_transform: bool = True, seed: int = 0
 ) -> RankingData:
+    if len(data.labels) == 0:
+        raise ValueError(f"{data.path}: no documents")
     offsets = data.query_offsets.astype(np.int64)
     # Shuffle the documents within each query, as from_movielens does: LETOR files are often in a
     # meaningful order (by label, by a baseline's score), and both evaluation and the logging
@@ -149,6 +153,9 @@ def from_synthetic_world(
     n_u, n_i = cfg.num_users, cfg.num_items
     if candidates > n_i:
         raise ValueError(f"candidates={candidates} exceeds the catalogue ({n_i} items)")
+    # Cut points are cumulative shares: shares that do not sum to 1 would silently resize the top label.
+    if min(label_shares, default=0.0) <= 0 or abs(sum(label_shares) - 1.0) > 1e-6:
+        raise ValueError(f"label_shares must be positive and sum to 1, got {label_shares}")
     rng = np.random.default_rng([cfg.seed, seed, 12])
     preferred = candidates // 2
     docs = np.empty((n_u, candidates), dtype=np.int64)
