@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -129,3 +133,20 @@ def test_clicks_are_read_with_the_rankers_bad_row_policy(tmp_path) -> None:
     run_config = AlignRunConfig.model_validate({"debias": {"method": "none"}})
     clicks = _log_clicks(tmp_path / "log.csv", run_config, ranker, retriever)  # type: ignore[arg-type]
     assert clicks.user_idx.tolist() == [0] and clicks.item_idx.tolist() == [0]
+
+
+def test_logged_clicks_in_the_users_test_period_are_dropped(caplog) -> None:
+    # u0's test period starts at 100, u1 has no test event (int64 max), u2 is not in the run.
+    from twotower.align_run import _before_test
+
+    labels = pd.DataFrame({
+        "user_id": ["u0", "u0", "u1", "u2"], "item_id": [1, 2, 1, 1],
+        "clicked": [True, True, True, True], "timestamp": [99, 100, 10**12, 5],
+    })  # fmt: skip
+    start = torch.tensor([100, torch.iinfo(torch.int64).max])
+    kept = _before_test(labels, start, np.array(["u0", "u1"]))
+    assert kept["timestamp"].tolist() == [99, 10**12, 5]  # u0's click at 100 is in its test period
+    assert _before_test(labels, None, np.array(["u0", "u1"])) is labels  # a run without times
+    with caplog.at_level(logging.WARNING, logger="twotower"):
+        assert len(_before_test(labels.drop(columns="timestamp"), start, np.array(["u0", "u1"]))) == 4
+    assert "cannot be kept out of the test period" in caplog.text

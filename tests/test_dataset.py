@@ -99,6 +99,12 @@ def test_temporal_split_leaves_each_users_last_event_out(data):
     assert (len(data.train), len(data.valid), len(data.test)) == (5, 2, 2)
 
 
+def test_each_users_test_period_starts_at_their_first_test_event(data):
+    # alice's test event is at 40, bob's at 90; carol and dave have none (int64 max).
+    never = torch.iinfo(torch.int64).max
+    assert data.test_start.tolist() == [40, 90, never, never]
+
+
 def test_training_rows_are_chronological_with_their_weights_and_history_positions(data):
     # ties (bob 10 and alice 11, both at ts 20) keep log order: bob's row comes first in the file
     assert data.train.weight.tolist() == [1.0, 2.0, 2.0, 3.5, 4.5]

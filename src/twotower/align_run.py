@@ -4,7 +4,9 @@ The run must have a ranker (``twotower train-ranker``). The new run is a copy of
 retrieval weights went through :func:`twotower.align.align_retrieval`: the retrieval loss on the run's
 training pairs (plus, with an impression log, its clicks as positives weighted by
 :mod:`twotower.debiased_labels`), and the enabled alignment terms - distillation, the ranker as reward -
-on every user's candidate list.
+on every user's candidate list. Logged clicks at or after a user's first test event are dropped
+(``drop_test_period_clicks``; it needs timestamps in the run's log and in the impression log), so the
+aligned run's test metrics do not count clicks on test items it was trained on.
 
 The rankers are *not* copied: their pair features are the retrieval embeddings they were trained on,
 and those just changed, so serving them on the new towers would feed them inputs they never saw (the
@@ -21,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,13 +48,47 @@ class AlignRunConfig(BaseModel):
     align: AlignConfig = Field(default_factory=AlignConfig)
     debias: DebiasConfig = Field(default_factory=DebiasConfig)
     batch_size: int = Field(512, ge=2, description="positives per step (the retrieval loss)")
+    drop_test_period_clicks: bool = Field(
+        True,
+        description="drop logged clicks at or after the user's first test event (needs timestamps in the "
+        "run and the log), so the aligned run's test metrics stay honest; false keeps them (for serving)",
+    )
 
 
-def _log_clicks(path: Path, config: AlignRunConfig, ranker: RunRanker, retriever: Retriever) -> Interactions:
+def _before_test(labels: pd.DataFrame, test_start: torch.Tensor | None, user_ids: np.ndarray) -> pd.DataFrame:
+    """The rows of ``labels`` before their user's test period (all of them when that cannot be told)."""
+    if test_start is None:
+        return labels
+    if "timestamp" not in labels.columns:
+        log.warning(
+            "the run's test split has timestamps but the impression log has none (the ranker's "
+            "columns.timestamp): its clicks cannot be kept out of the test period, and evaluating the "
+            "aligned run on that split may count clicks on test items it trained on"
+        )
+        return labels
+    users = pd.Index(user_ids.astype(str)).get_indexer(labels["user_id"].astype(str))
+    start = np.where(users >= 0, test_start.numpy()[np.maximum(users, 0)], np.iinfo(np.int64).max)
+    keep = labels["timestamp"].to_numpy(np.int64) < start
+    dropped = int((~keep & labels["clicked"].to_numpy(dtype=bool)).sum())
+    if dropped:
+        level = logging.WARNING if keep.sum() == 0 else logging.INFO
+        log.log(level, "%d logged clicks fall in their user's test period; not used", dropped)
+    return labels[keep]
+
+
+def _log_clicks(
+    path: Path,
+    config: AlignRunConfig,
+    ranker: RunRanker,
+    retriever: Retriever,
+    test_start: torch.Tensor | None = None,
+) -> Interactions:
     # The columns the ranker was trained with: the same log format, its context column included, and
     # its bad-row policy (a log the ranker was trained on with on_bad_rows="skip" must not fail here).
     frame = read_impressions(path, ranker.config.columns, ranker.config.on_bad_rows).frame
     labels = debiased_labels(frame, ranker, config.debias)
+    if config.drop_test_period_clicks:
+        labels = _before_test(labels, test_start, retriever.user_ids)
     return click_positives(labels, retriever.user_ids, retriever.item_ids)
 
 
@@ -82,7 +120,7 @@ def align_run(
     positives = Interactions(users, pairs["item_idx"].long(), history_end=ends)
     n_clicks = 0
     if impressions is not None:
-        clicks = _log_clicks(Path(impressions), config, ranker, retriever)
+        clicks = _log_clicks(Path(impressions), config, ranker, retriever, pairs.get("user_test_start"))
         # A logged click comes after the training log: the user's whole history precedes it.
         clicks.history_end = torch.bincount(users, minlength=model.num_users)[clicks.user_idx]
         n_clicks = len(clicks)

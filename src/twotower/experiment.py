@@ -6,7 +6,8 @@ A run directory holds everything needed to evaluate again, recommend, or resume:
     checkpoints/         per-epoch training checkpoints (safetensors + JSON), for --resume
     model.safetensors    final weights + encoded feature tables
     model.json           feature encoders, id maps, architecture - everything but the tensors
-    train_pairs.safetensors  training (user, item) indices, to exclude seen items when recommending
+    train_pairs.safetensors  training (user, item) indices, to exclude seen items when recommending, each
+                         pair's history_end and each user's test start time (when the log has times)
     items.parquet        item metadata (the item table's columns) in catalogue order, for serving
     history.json         per-epoch loss, speed, validation metrics
     metrics.json         test metrics of the named protocol
@@ -251,6 +252,8 @@ def save_model(model: TwoTowerModel, data: RetrievalData, config: RunConfig, run
     pairs = {"user_idx": data.train.user_idx, "item_idx": data.train.item_idx}
     if data.train.history_end is not None:  # what each pair's history may see (ties in time excluded)
         pairs["history_end"] = data.train.history_end
+    if data.test_start is not None:  # [num_users]: where each user's test period starts (align)
+        pairs["user_test_start"] = data.test_start
     save_tensors(run_dir / "train_pairs.safetensors", pairs)
     titles = None
     if data.items is not None:

@@ -69,6 +69,9 @@ class RetrievalData:
     impressions: Interactions | None  # training-time impressions without a click
     items: pd.DataFrame | None  # item metadata (titles...) in raw-id form, for display
     raw: RawData
+    # Per user index, the timestamp of the user's first test event (int64 max: none); None without
+    # timestamps. Later logs (align's clicks) must not teach the model anything from then on.
+    test_start: Tensor | None = None
 
     @property
     def num_users(self) -> int:
@@ -168,6 +171,7 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
         test=_to_indices(test_df, user_pos, item_pos),
         items=raw.items,
         raw=raw,
+        test_start=_test_start(test_df, user_pos),
     )
 
 
@@ -188,6 +192,17 @@ def iterate_batches(
         if data.history_end is not None:
             batch["history_end"] = data.history_end[idx]
         yield batch
+
+
+def _test_start(test_df: pd.DataFrame, users: pd.Index) -> Tensor | None:
+    """Each user index's first test timestamp (int64 max for users without one); None without times."""
+    if "timestamp" not in test_df.columns:
+        return None
+    start = np.full(len(users), np.iinfo(np.int64).max, dtype=np.int64)
+    if len(test_df):
+        first = test_df.groupby(USER)["timestamp"].min()
+        start[users.get_indexer(first.index)] = first.to_numpy(np.int64)
+    return torch.from_numpy(start)
 
 
 def _training_impressions(
