@@ -174,3 +174,9 @@ def test_from_impressions_refuses_missing_item_features_and_unknown_context():
         from_impressions(_lists(), items.assign(price=1.0, kind=["a", "b", None, "c"]))
     with pytest.raises(ValueError, match=r"no context column 'devic'.*\['device'\]"):
         from_impressions(_lists(), items, context="devic")
+
+
+def test_sessions_per_query_zero_is_refused_not_replaced_by_the_default():
+    data = _planted(num_queries=2, per_query=3)
+    with pytest.raises(ValueError, match="sessions_per_query must be >= 1"):
+        simulate_click_log(data, np.arange(6.0), SimulationConfig(top_n=3), seed=0, sessions_per_query=0)

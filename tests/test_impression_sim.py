@@ -216,3 +216,9 @@ def test_catalogue_size_and_negative_eta_are_validated(world) -> None:
     # A negative eta made (1 / position) ** eta exceed 1 at every rank past the first.
     with pytest.raises(ValueError, match="eta must be >= 0"):
         simulate_impressions(retriever, world, 3, shown=2, candidates=5, eta={"tv": -1.0})
+
+
+def test_requests_must_be_positive(world) -> None:
+    retriever = _retriever(np.ones((2, 2)), np.eye(2)[[0, 1, 0, 1, 0]])
+    with pytest.raises(ValueError, match="requests must be >= 1"):
+        simulate_impressions(retriever, world, 0, shown=2, candidates=5)

@@ -192,3 +192,11 @@ def test_columns_schema_is_strict() -> None:
         ImpressionColumns(context=["device", "device"])
     with pytest.raises(ValueError, match="on_bad_rows"):
         read_impressions("x.csv", on_bad_rows="ignore")  # type: ignore[arg-type]
+
+
+def test_a_typo_position_is_a_clear_error_not_a_huge_allocation(tmp_path: Path) -> None:
+    text = "request_id,item_id,position,click\nq1,10,1,1\nq1,11,2,0\nq2,12,1000000000,0\n"
+    log = read_impressions(write(tmp_path / "imp.csv", text))
+    with pytest.raises(ValueError, match=r"position 1000000000 \(request 'q2', item 12\)"):
+        log.to_lists()  # used to ask numpy for 2 x 10^9 slots (MemoryError)
+    assert log.to_lists(max_position=2).mask.tolist() == [[True, True]]  # q2 has no slot left: dropped

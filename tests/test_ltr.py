@@ -128,3 +128,15 @@ def test_label_shares_must_be_positive_and_sum_to_one():
             from_synthetic_world(world, candidates=20, label_shares=shares)
     data = from_synthetic_world(world, candidates=20, label_shares=(0.6, 0.3, 0.1))
     assert np.bincount(data.labels).tolist() == [240, 120, 40] and data.max_label == 2
+
+
+def test_a_split_needs_two_queries_and_a_share_strictly_between_0_and_1():
+    x = np.zeros((4, 1), np.float32)
+    one = RankingData("one", x, np.array([0, 1, 0, 1]), np.array([0, 4]), 1, ["x"])
+    with pytest.raises(ValueError, match="needs >= 2 queries"):
+        one.split(0.2, seed=0)  # used to fail inside np.concatenate
+    two = RankingData("two", x, np.array([0, 1, 0, 1]), np.array([0, 2, 4]), 1, ["x"])
+    with pytest.raises(ValueError, match="0 < test_share < 1"):
+        two.split(1.0, seed=0)
+    train, test = two.split(0.9, seed=0)  # rounds to both queries: one is kept for training
+    assert (train.num_queries, test.num_queries) == (1, 1)

@@ -154,7 +154,9 @@ def simulate_click_log(
         raise ValueError(f"scores must be [{len(data.labels)}] finite numbers, got shape {scores.shape}")
     rng = np.random.default_rng([seed, 22])
     model = ClickModel(config.click_model, data.max_label, config.top_n)
-    per_query = sessions_per_query or config.sessions_per_query
+    per_query = config.sessions_per_query if sessions_per_query is None else sessions_per_query
+    if per_query < 1:
+        raise ValueError(f"sessions_per_query must be >= 1, got {per_query}")
     shown = _top_n(data, scores, config.top_n)
     query = np.repeat(np.arange(data.num_queries), per_query)
     docs = shown[query]

@@ -53,6 +53,8 @@ def simulate_impressions(
     eta = eta or DEFAULT_ETA
     if relevance not in ("affinity", "taste"):
         raise ValueError(f"relevance must be 'affinity' or 'taste', got {relevance!r}")
+    if requests < 1:
+        raise ValueError(f"requests must be >= 1, got {requests}")
     if shown > candidates:
         raise ValueError(f"shown={shown} exceeds candidates={candidates}")
     if any(e < 0 for e in eta.values()):  # (1 / position) ** eta would exceed 1

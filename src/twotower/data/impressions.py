@@ -124,6 +124,13 @@ class ImpressionLog:
         # The frame is in request order of first appearance, so codes follow it too.
         codes, requests = pd.factorize(frame["request_id"], sort=False)
         width = max_position if max_position is not None else int(frame["position"].to_numpy().max(initial=0))
+        if max_position is None and len(requests) * width > 100_000_000:  # a typo'd position, e.g. 1e9
+            deepest = frame.iloc[int(frame["position"].to_numpy().argmax())]
+            where = f"request {_py(deepest['request_id'])!r}, item {_py(deepest['item_id'])!r}"
+            raise ValueError(
+                f"position {width} ({where}) would make {len(requests):,} lists of {width:,} slots: "
+                "fix the log or pass max_position"
+            )
         slots = (codes, frame["position"].to_numpy() - 1)
         mask = np.zeros((len(requests), width), dtype=bool)
         mask[slots] = True

@@ -85,8 +85,13 @@ class RankingData:
 
     def split(self, test_share: float, seed: int) -> tuple[RankingData, RankingData]:
         """A random split of the queries: (train, test)."""
+        if self.num_queries < 2 or not 0.0 < test_share < 1.0:
+            raise ValueError(
+                f"{self.name}: a train/test split needs >= 2 queries and 0 < test_share < 1, "
+                f"got {self.num_queries} queries and test_share={test_share}"
+            )
         order = np.random.default_rng([seed, 11]).permutation(self.num_queries)
-        n_test = max(1, round(test_share * self.num_queries))
+        n_test = min(max(1, round(test_share * self.num_queries)), self.num_queries - 1)
         return self.subset(np.sort(order[n_test:])), self.subset(np.sort(order[:n_test]))
 
     def feature_stats(self) -> tuple[np.ndarray, np.ndarray]:
