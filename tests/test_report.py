@@ -196,3 +196,13 @@ def test_summary_table_lists_the_headline_metrics(run, trained):
     header, line = lines[1], next(line for line in lines if line.startswith("recall@10 "))
     assert header.split() == ["metric", "this", "run", "most", "popular"]
     assert line.split()[1:] == [f"{metrics['recall@10']:.4f}", "0.0100"]
+
+
+def test_a_damaged_funnel_file_is_named_in_the_funnel_section(run):
+    damaged = {"funnel": {"retrieval": {"recall": "high"}}, "notes": ["kept?"]}
+    (run / "funnel.json").write_text(json.dumps(damaged))
+    try:
+        funnel = section(build_report(run).read_text(), "funnel")  # the rest is still built
+    finally:
+        (run / "funnel.json").unlink()
+    assert "funnel.json was not used" in funnel and "expected a number" in funnel

@@ -141,8 +141,9 @@ def build_report(
     stored = {k: v for k, v in (run["stored"] or {}).items() if k in EXTRA_KEYS}
     try:
         _check_extra(stored)
-    except (ValueError, TypeError):  # a damaged file must not cost the rest of the report
+    except (ValueError, TypeError) as exc:  # a damaged file must not cost the rest of the report
         stored = {}
+        run["problems"]["funnel"] = f"{FUNNEL_FILE} was not used: {exc}"
     more = _check_extra({**stored, **(extra or {})})
     path = root / "report.html" if out is None else Path(out)
     path = path / "report.html" if path.is_dir() else path if path.suffix else path.with_suffix(".html")
@@ -152,7 +153,7 @@ def build_report(
         ("training", "Training curves", training_section(run, charts)),
         ("recall", "Recall@K", recall_section(run, more["recall_curves"], charts)),
         ("examination", "Examination curves", examination_section(run, more["true_examination"], charts)),
-        ("funnel", "Funnel", funnel_section(more["funnel"])),
+        ("funnel", "Funnel", funnel_section(more["funnel"], run)),
         ("notes", "Notes", notes_section(more["notes"])),
     ]
     for name in set(IMAGES) - charts.written:  # an earlier report's chart whose data is gone must not linger

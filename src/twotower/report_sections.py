@@ -305,10 +305,10 @@ def examination_section(run: dict[str, Any], truth: dict[str, list[float]], char
     return "".join(parts)
 
 
-def funnel_section(funnel: dict[str, dict[str, float]] | None) -> str:
-    """One row per funnel stage, one column per metric any stage has."""
+def funnel_section(funnel: dict[str, dict[str, float]] | None, run: dict[str, Any] | None = None) -> str:
+    """One row per funnel stage, one column per metric any stage has (else why there is none)."""
     if not funnel:
-        return _missing("funnel")
+        return _missing("funnel", run)
     columns = list(dict.fromkeys(m for metrics in funnel.values() for m in metrics))
     return _table(["stage", *columns], [[s, *(v.get(m) for m in columns)] for s, v in funnel.items()])
 
