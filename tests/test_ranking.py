@@ -235,3 +235,29 @@ def test_fit_bias_recovers_planted_examination_logits_exactly(combination):
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="no bias tower"):
         _ranker(combination="none").fit_bias(r, batch, rates)
+
+
+def test_pal_no_click_likelihood_is_exact_and_has_gradients_where_p_rounds_to_1():
+    """r = b = 20: p = sigmoid(20)^2 is 1 in float32, but 1 - p = sigmoid(-20) (1 + sigmoid(20)) ~ 2 e^-20
+    and d(-log(1 - p)) / dr = sigmoid(20)^2 / (1 + sigmoid(20)) ~ 1/2 (same for b): an unclicked slot the
+    model is sure of must still be pushed down. (The old log1p(-exp(log p)) clamped p: -13.8, no gradient.)"""
+    s, s_neg = 1.0 / (1.0 + math.exp(-20.0)), 1.0 / (1.0 + math.exp(20.0))
+    model = _ranker(combination="pal")
+    r = torch.tensor([20.0, 10.0], requires_grad=True)
+    b = torch.tensor([20.0, 10.0], requires_grad=True)
+    log_p, log_not = model.combine(r, b)
+    assert log_p[0].item() == pytest.approx(2 * math.log(s), abs=1e-7)
+    assert log_not[0].item() == pytest.approx(math.log(s_neg * (1.0 + s)), rel=1e-6)
+    # p = sigmoid(10)^2: 1 - p = 2 e^-10 - e^-20 + ...; log1p(-exp) in float32 was off by 1.7e-4 here.
+    s10 = 1.0 / (1.0 + math.exp(-10.0))
+    assert log_not[1].item() == pytest.approx(math.log1p(-s10 * s10), rel=1e-6)
+    (-log_not[0]).backward()
+    assert r.grad[0].item() == pytest.approx(s * s / (1.0 + s), rel=1e-5)
+    assert b.grad[0].item() == pytest.approx(s * s / (1.0 + s), rel=1e-5)
+
+
+def test_position_feature_inference_position_is_made_on_the_features_device():
+    """score() builds the fixed inference position itself: on the features' device, not always the CPU."""
+    cfg = RankerConfig(combination="none", position_feature=True, item_embedding_dim=0)
+    model = DebiasedRanker(3, 0, 4, {"device": 2}, cfg).to("meta").eval()
+    assert model.score(torch.empty(2, 4, 3, device="meta")).shape == (2, 4)

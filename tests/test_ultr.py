@@ -259,3 +259,48 @@ def test_bias_refit_is_an_option_of_train_ranker(planted):
     assert naive.bias is None  # no bias tower: nothing to refit
     with pytest.raises(ValueError):
         UltrConfig.model_validate({"bias_refit_epochs": -1})
+
+
+def test_estimated_propensities_never_see_the_held_out_validation_queries(planted, monkeypatch):
+    """ipw-estimated with valid_share: the RandTop-N curves come from the trained sessions only, and the
+    held-out sessions' propensities are those curves at their devices."""
+    import twotower.ultr as ultr
+
+    train, _, log, _, cfg, _ = planted
+    cfg = cfg.model_copy(update={"valid_share": 0.2, "train": cfg.train.model_copy(update={"epochs": 1})})
+    held = ultr.held_out_queries(log, 0.2, seed=0)
+    fitted_on = []
+    real = ultr.estimate_propensities
+
+    def estimate(part):
+        fitted_on.append(part)
+        return real(part)
+
+    monkeypatch.setattr(ultr, "estimate_propensities", estimate)
+    ultr.train_ranker("ipw-estimated", train, log, cfg, seed=0)
+    assert fitted_on
+    for part in fitted_on:
+        assert part.num_sessions == int((~held).sum())
+        assert not np.isin(part.query, log.query[held]).any()
+
+
+def test_held_out_queries_always_leave_a_query_to_train_on(planted):
+    from twotower.ultr import held_out_queries
+
+    _, _, log, _, _, _ = planted
+    two = log.take(np.flatnonzero(np.isin(log.query, np.unique(log.query)[:2])))
+    held = held_out_queries(two, 0.75, seed=0)  # round(.75 * 2) = 2 queries would leave none
+    assert len(np.unique(two.query[held])) == 1 and (~held).any()
+    one = log.take(np.flatnonzero(log.query == log.query[0]))
+    assert not held_out_queries(one, 0.5, seed=0).any()
+
+
+def test_ipw_true_refuses_a_real_log(planted):
+    """A real log's examination is unknown (all zero): IPW with it would weight every click by the clip."""
+    import dataclasses
+
+    train, _, log, _, cfg, _ = planted
+    real = dataclasses.replace(log, examination=np.zeros_like(log.examination), simulated=False)
+    quick = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    with pytest.raises(ValueError, match="ipw-true needs the simulator's examination"):
+        train_ranker("ipw-true", train, real, quick, seed=0)

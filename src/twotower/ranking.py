@@ -198,8 +198,12 @@ class DebiasedRanker(nn.Module):
         extra = None
         if self.config.position_feature:
             if position is None:
+                features = batch["features"]
                 position = torch.full(
-                    batch["features"].shape[:-1], self.config.inference_position, dtype=torch.long
+                    features.shape[:-1],
+                    self.config.inference_position,
+                    dtype=torch.long,
+                    device=features.device,
                 )
             extra = self._position_onehot(position)
         return self.relevance(batch["features"], batch.get("item"), extra)
@@ -254,8 +258,9 @@ class DebiasedRanker(nn.Module):
         if self.config.combination == "additive":
             return F.logsigmoid(r + b), F.logsigmoid(-(r + b))
         log_p = F.logsigmoid(r) + F.logsigmoid(b)
-        # log(1 - p) = log1p(-exp(log p)), precise while p is not close to 1.
-        return log_p, torch.log1p(-log_p.exp().clamp(max=1.0 - 1e-6))
+        # 1 - sigmoid(r) sigmoid(b) = sigmoid(-r) + sigmoid(r) sigmoid(-b): exact (and with gradients) even
+        # where p rounds to 1, unlike log1p(-exp(log p)).
+        return log_p, torch.logaddexp(F.logsigmoid(-r), F.logsigmoid(r) + F.logsigmoid(-b))
 
     def click_probability(self, batch: dict[str, Tensor]) -> Tensor:
         return self.click_log_probs(batch)[0].exp()

@@ -182,11 +182,16 @@ def session_batches(data: RankingData, log: ClickLog, propensity: np.ndarray | N
     return batches
 
 
-def _propensity(method: str, log: ClickLog) -> np.ndarray | None:
+def _propensity(method: str, log: ClickLog, fitted_on: ClickLog | None = None) -> np.ndarray | None:
+    """[S, N] propensities of ``log``'s slots; estimated ones from ``fitted_on``'s (default: ``log``'s)
+    RandTop-N sessions."""
     if method == "ipw-true":
+        if not log.simulated:  # its examination is unknown (zero): every weight would be the clip's 1000
+            raise ValueError("ipw-true needs the simulator's examination probabilities, which a real log "
+                             "does not have; use ipw-estimated or a click model (two-tower-pal)")  # fmt: skip
         return log.examination
     if method == "ipw-estimated":
-        curves = estimate_propensities(log)
+        curves = estimate_propensities(log if fitted_on is None else fitted_on)
         return curves[log.device][:, : log.docs.shape[1]]
     return None
 
@@ -208,16 +213,14 @@ def train_ranker(
     sim = config.simulation
     fresh = config.fresh_clicks and log.simulated  # a real log's clicks are what they are
     click_model = ClickModel(sim.click_model, train.max_label, sim.top_n) if fresh else None
-    propensity = _propensity(method, log)  # estimated curves come from every training session
     train_config = config.train.model_copy(update={"seed": seed})
     validate = None
     if config.valid_share > 0:
         held = held_out_queries(log, config.valid_share, seed)
-        held_propensity = None if propensity is None else propensity[held]
-        valid = _session_batch(
-            train, log.take(np.flatnonzero(held)), held_propensity, sim.click_model.epsilon
-        )
-        log, propensity = log.take(np.flatnonzero(~held)), None if propensity is None else propensity[~held]
+        held_log, log = log.take(np.flatnonzero(held)), log.take(np.flatnonzero(~held))
+        # Estimated curves come from the trained sessions only, for the held-out ones too.
+        held_propensity = _propensity(method, held_log, fitted_on=log)
+        valid = _session_batch(train, held_log, held_propensity, sim.click_model.epsilon)
 
         def validate() -> dict[str, float]:  # fit puts the model in eval mode first
             with torch.no_grad():
@@ -225,6 +228,7 @@ def train_ranker(
 
         stopping = EarlyStoppingConfig(metric="objective", patience=config.patience)
         train_config = train_config.model_copy(update={"early_stopping": stopping})
+    propensity = _propensity(method, log)  # estimated curves come from every trained session
     batches = session_batches(train, log, propensity, config.train.batch_size, seed,
                               sim.click_model.epsilon, click_model)  # fmt: skip
     if run_dir is not None:
@@ -268,7 +272,8 @@ def held_out_queries(log: ClickLog, share: float, seed: int) -> np.ndarray:
     together, so no held-out document list was also trained on)."""
     queries = np.unique(log.query)
     rng = np.random.default_rng([seed, 41])
-    n = max(1, round(share * len(queries))) if len(queries) > 1 else 0
+    # At least one query is held out, and at least one is left to train on.
+    n = min(max(1, round(share * len(queries))), len(queries) - 1) if len(queries) > 1 else 0
     return np.isin(log.query, rng.choice(queries, size=n, replace=False))
 
 
