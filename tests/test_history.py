@@ -214,3 +214,15 @@ def test_attention_dropout_is_off_in_eval_and_on_in_training():
     enc.train()
     torch.manual_seed(1)
     assert not torch.allclose(enc(users), with_grad)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_a_model_off_the_cpu_takes_cpu_indices_and_builds_event_rows_on_its_device(pooling):
+    # The "meta" device stands in for a GPU: indices from a CPU loader (or torch.arange) used to meet
+    # the model's buffers in one elementwise op and crash, and event rows were built on the CPU.
+    enc = _encoder(pooling, max_len=3).to("meta")
+    out = enc(torch.tensor([1, 0, 3]), end=torch.tensor([2, 1, 0]), exclude=torch.tensor([5, 3, 0]))
+    assert out.device.type == "meta" and out.shape == (3, 2)
+    ids, valid, recency, acts = enc.event_rows([torch.tensor([5, 4]), torch.tensor([], dtype=torch.long)])
+    assert {t.device.type for t in (ids, valid, recency)} == {"meta"} and acts is None
+    assert enc.encode(ids, valid, recency).device.type == "meta"

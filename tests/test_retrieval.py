@@ -192,3 +192,60 @@ def test_training_rows_see_only_the_history_before_them():
     assert model.compute_loss(batch).item() == pytest.approx(loss.item(), rel=1e-6)
     # ... but scoring uses the whole history.
     assert not torch.allclose(model.user_embeddings(torch.tensor([0])), served)
+
+
+def _history_model(pooling="mean"):
+    from twotower.history import history_csr
+
+    cfg = ModelConfig.model_validate(
+        {
+            "user_tower": {"embedding_dim": 4, "layers": [8]},
+            "item_tower": {"embedding_dim": 8, "layers": [8]},
+            "history": {"enabled": True, "max_len": 2, "pooling": pooling, "dropout": 0.0},
+        }
+    )
+    torch.manual_seed(0)
+    return TwoTowerModel(
+        cfg,
+        [FieldInfo("user_id", "categorical", 4, None)],
+        [FieldInfo("item_id", "categorical", 7, None)],
+        {"user_id": torch.tensor([1, 2, 3, 0])},
+        {"item_id": torch.arange(1, 7)},
+        history=history_csr(torch.tensor([0, 1, 0, 0, 1, 2]), torch.tensor([1, 2, 3, 4, 5, 0]), 4),
+    ).eval()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_an_empty_request_gets_empty_answers_with_a_shared_history(pooling):
+    # The shared item embedding was reshaped with view(B, L, -1): ambiguous for B = 0, so a request
+    # for no users crashed instead of answering with no rows.
+    model, none = _history_model(pooling), torch.tensor([], dtype=torch.long)
+    assert model.user_embeddings(none).shape == (0, 8)
+    ids, scores = model.recommend(none, k=3)
+    assert ids.shape == (0, 3) and scores.shape == (0, 3)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_a_model_off_the_cpu_embeds_every_user_from_cpu_indices(pooling):
+    # "meta" stands in for a GPU: user_embeddings() (e.g. a hard-negative refresh during GPU training)
+    # builds torch.arange on the CPU, which crashed inside the history encoder.
+    model = _history_model(pooling).to("meta")
+    assert model.user_embeddings().device.type == "meta"
+    end, exclude = torch.tensor([1, 0]), torch.tensor([1, 2])
+    assert model.encode_users(torch.tensor([0, 1]), end, exclude).shape == (2, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_model_scores_as_on_the_cpu_from_cpu_indices():
+    from twotower.query_tower import QueryTower
+
+    model = _history_model("attention")
+    users = [FieldInfo("user_id", "categorical", 4, None)]
+    want = model.recommend(torch.arange(4), k=3)
+    query = QueryTower.from_model(model, users)
+    recent = [torch.tensor([3]), torch.tensor([], dtype=torch.long), torch.tensor([4, 5]), torch.tensor([0])]
+    want_query = query.known(torch.arange(4), recent)
+    got = model.cuda().recommend(torch.arange(4), k=3)
+    torch.testing.assert_close(got[1].cpu(), want[1])
+    assert torch.equal(got[0].cpu(), want[0])
+    torch.testing.assert_close(query.cuda().known(torch.arange(4), recent).cpu(), want_query)

@@ -110,3 +110,13 @@ def test_a_seed_fixes_the_initial_tower():
     a, b = _tower(False), _tower(False)
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_a_half_precision_tower_takes_float32_numeric_columns():
+    # ``tower.to(bfloat16)`` (or ``.half()``) for inference: the float32 numeric column was upcast
+    # with ``.float()`` and the MLP refused the mixed input ("mat1 and mat2 must have the same dtype").
+    tower, batch = _tower(False).eval(), _batch()
+    want = tower(batch)
+    got = tower.to(torch.bfloat16)(batch)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)

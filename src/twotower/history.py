@@ -145,7 +145,7 @@ class HistoryEncoder(nn.Module):
             stop = torch.minimum(start + end.long(), stop)
         width = self.config.max_len
         n = torch.clamp(stop - start, max=width)
-        slot = torch.arange(width, device=user_idx.device)
+        slot = torch.arange(width, device=start.device)
         valid = slot[None, :] < n[:, None]
         positions = torch.where(valid, (stop - n)[:, None] + slot[None, :], 0)
         recency = torch.where(valid, n[:, None] - 1 - slot[None, :], 0)
@@ -158,6 +158,11 @@ class HistoryEncoder(nn.Module):
         exclude: Tensor | None = None,
         embed_items: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
+        # Indices may come from the CPU (a data loader, ``torch.arange``) while the model sits on a GPU.
+        device = self.indptr.device
+        user_idx = user_idx.to(device)
+        end = None if end is None else end.to(device)
+        exclude = None if exclude is None else exclude.to(device)
         positions, valid, recency = self.padded(user_idx, end)
         ids = self.items[positions] if len(self.items) else torch.zeros_like(positions)
         if exclude is not None:
@@ -179,7 +184,8 @@ class HistoryEncoder(nn.Module):
         if self.item_embedding is not None:
             events = self.item_embedding(ids)
         elif embed_items is not None:
-            events = embed_items(ids.reshape(-1)).view(*ids.shape, -1)
+            flat = embed_items(ids.reshape(-1))
+            events = flat.view(*ids.shape, flat.shape[-1])  # (not -1: ambiguous for an empty batch)
         else:
             raise ValueError("a history sharing the item embedding needs embed_items")
         if self.action_embedding is not None:
@@ -203,16 +209,16 @@ class HistoryEncoder(nn.Module):
         """``(ids, valid, recency, actions)`` of the last ``max_len`` events of each sequence (oldest
         first), laid out exactly as :meth:`padded` lays out stored histories."""
         width = self.config.max_len
-        ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        ids = torch.zeros(len(sequences), width, dtype=torch.long, device=self.indptr.device)
         acts = torch.zeros_like(ids) if actions is not None else None
-        valid = torch.zeros(len(sequences), width, dtype=torch.bool)
+        valid = torch.zeros(len(sequences), width, dtype=torch.bool, device=ids.device)
         recency = torch.zeros_like(ids)
         for row, seq in enumerate(sequences):
             seq = seq[-width:]
             n = len(seq)
             ids[row, :n] = seq
             valid[row, :n] = True
-            recency[row, :n] = torch.arange(n - 1, -1, -1)
+            recency[row, :n] = torch.arange(n - 1, -1, -1, device=ids.device)
             if acts is not None and actions is not None:
                 acts[row, :n] = actions[row][-width:]
         return ids, valid, recency, acts

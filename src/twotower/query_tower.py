@@ -138,7 +138,7 @@ class QueryTower(nn.Module):
         sequences, actions = [], []
         for row, user in enumerate(user_idx.tolist()):
             items, acts = self.stored_events(user)
-            sequences.append(torch.cat([items, extra_events[row]]))
+            sequences.append(torch.cat([items, extra_events[row].to(items.device)]))
             if acts is not None:
                 # Events given without actions take action 0, as in from_features.
                 extra = (
@@ -146,7 +146,7 @@ class QueryTower(nn.Module):
                     if extra_actions
                     else torch.zeros(len(extra_events[row]), dtype=torch.long)
                 )
-                actions.append(torch.cat([acts, extra]))
+                actions.append(torch.cat([acts, extra.to(acts.device)]))
         return self._with_events(features, sequences, actions or None)
 
     @torch.no_grad()

@@ -102,7 +102,9 @@ class Tower(nn.Module):
         parts = [self.categorical[name](features[name]) for name in self.categorical]
         for name, bag in self.multi_hot.items():
             parts.append(bag(features[name]))
-        parts.extend(features[name].float().unsqueeze(-1) for name in self.numeric_names)
+        # Numeric columns join the embeddings in their dtype (float32, or that of a ``.half()`` model).
+        dtype = parts[0].dtype if parts else next((p.dtype for p in self.mlp.parameters()), torch.float32)
+        parts.extend(features[name].to(dtype).unsqueeze(-1) for name in self.numeric_names)
         if extra is not None:
             parts.append(extra)
         inputs = torch.cat(parts, dim=-1)
