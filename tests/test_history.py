@@ -45,7 +45,9 @@ def test_mean_pooling_by_hand_with_end_exclude_and_max_len():
     )
     assert torch.allclose(out, expected)
     left_out = enc(torch.tensor([1]), exclude=torch.tensor([6]))
-    assert torch.allclose(left_out, torch.tensor([[8.0, 9.0]]))  # last two are 4, 6; 6 is excluded
+    # 6 excluded, then the last two of what is left (5, 4), as a served history without 6 would be
+    assert torch.allclose(left_out, torch.tensor([[9.0, 10.0]]))
+    assert torch.allclose(enc(torch.tensor([1]), exclude=torch.tensor([5])), torch.tensor([[8.0, 9.0]]) + 2)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
@@ -226,3 +228,16 @@ def test_a_model_off_the_cpu_takes_cpu_indices_and_builds_event_rows_on_its_devi
     ids, valid, recency, acts = enc.event_rows([torch.tensor([5, 4]), torch.tensor([], dtype=torch.long)])
     assert {t.device.type for t in (ids, valid, recency)} == {"meta"} and acts is None
     assert enc.encode(ids, valid, recency).device.type == "meta"
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_a_left_out_target_gives_the_history_a_served_request_would_see(pooling):
+    # User 1's events 5, 4, 6 with max_len 2: leaving out 4 must look exactly like serving the user
+    # with history [5, 6] (window after the exclusion, recency 1, 0 with no gap).
+    enc = _encoder(pooling, max_len=2)
+    ids, valid, recency, _ = enc.event_rows([torch.tensor([5, 6])])
+    served = enc.encode(ids, valid, recency)
+    assert torch.allclose(enc(torch.tensor([1]), exclude=torch.tensor([4])), served, atol=1e-6)
+    positions, valid, recency, ids = enc._without(torch.tensor([1, 1, 0]), None, torch.tensor([6, -1, 3]))
+    assert ids[valid].tolist() == [5, 4, 4, 6] and recency.tolist() == [[1, 0], [1, 0], [0, 0]]
+    assert valid.tolist() == [[True, True], [True, True], [False, False]]

@@ -96,9 +96,10 @@ class HistoryEncoder(nn.Module):
     """``forward(user_idx, end=None, exclude=None, embed_items=None) -> Tensor[B, dim]``.
 
     Row b encodes the last ``max_len`` of user u's first ``end[b]`` events (all events when ``end`` is
-    None), without any event equal to ``exclude[b]``. ``embed_items(idx)`` embeds catalogue indices
-    when the item embedding is shared with the item tower; otherwise the encoder's own table does. A
-    row without events gets the zero vector.
+    None) that are not equal to ``exclude[b]``: the window is taken after the exclusion, with recency
+    counted over the events kept, so a leave-one-out training row looks like a served history.
+    ``embed_items(idx)`` embeds catalogue indices when the item embedding is shared with the item tower;
+    otherwise the encoder's own table does. A row without events gets the zero vector.
     """
 
     def __init__(
@@ -138,12 +139,15 @@ class HistoryEncoder(nn.Module):
             )
             self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
 
-    def padded(self, user_idx: Tensor, end: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(positions into ``items`` [B, L], valid [B, L], recency [B, L]) of each row's last L events."""
+    def padded(
+        self, user_idx: Tensor, end: Tensor | None = None, width: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(positions into ``items`` [B, L], valid [B, L], recency [B, L]) of each row's last L events
+        (L = ``width``, default ``max_len``), oldest first and left-aligned."""
         start, stop = self.indptr[user_idx], self.indptr[user_idx + 1]
         if end is not None:
             stop = torch.minimum(start + end.long(), stop)
-        width = self.config.max_len
+        width = self.config.max_len if width is None else width
         n = torch.clamp(stop - start, max=width)
         slot = torch.arange(width, device=start.device)
         valid = slot[None, :] < n[:, None]
@@ -163,12 +167,28 @@ class HistoryEncoder(nn.Module):
         user_idx = user_idx.to(device)
         end = None if end is None else end.to(device)
         exclude = None if exclude is None else exclude.to(device)
-        positions, valid, recency = self.padded(user_idx, end)
-        ids = self.items[positions] if len(self.items) else torch.zeros_like(positions)
-        if exclude is not None:
-            valid = valid & (ids != exclude[:, None])
+        if exclude is None:
+            positions, valid, recency = self.padded(user_idx, end)
+            ids = self.items[positions] if len(self.items) else torch.zeros_like(positions)
+        else:
+            positions, valid, recency, ids = self._without(user_idx, end, exclude)
         actions = self.actions[positions] if self.action_embedding is not None else None
         return self.encode(ids, valid, recency, actions, embed_items)
+
+    def _without(self, user_idx: Tensor, end: Tensor | None, exclude: Tensor) -> tuple[Tensor, ...]:
+        """``padded``'s layout of the last ``max_len`` events that are not ``exclude``: one slot more is
+        read (an excluded event is usually there once, the row's own target), the excluded dropped and the
+        rest packed to the left, recency recounted."""
+        width = self.config.max_len
+        positions, valid, _ = self.padded(user_idx, end, width + 1)
+        ids = self.items[positions] if len(self.items) else torch.zeros_like(positions)
+        keep = valid & (ids != exclude[:, None])
+        keep &= keep.flip(1).cumsum(1).flip(1) <= width  # the most recent `width` kept events
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        positions, ids, valid = positions.gather(1, order), ids.gather(1, order), keep.gather(1, order)
+        slot = torch.arange(width, device=positions.device)
+        recency = torch.where(valid, valid.sum(1, keepdim=True) - 1 - slot[None, :], 0)
+        return positions, valid, recency, ids
 
     def encode(
         self,
