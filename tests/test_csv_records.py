@@ -3,6 +3,7 @@ text and repeated header names, directly and through the loaders."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,16 @@ def test_a_configured_column_repeated_in_the_header_is_an_error(tmp_path: Path) 
     # A repeated column that is not read is harmless.
     frame = load_interactions(write(tmp_path / "ok.csv", "user_id,item_id,x,x\n1,10,a,b\n")).frame
     assert frame["item_id"].tolist() == [10]
+
+
+def test_a_table_column_is_typed_as_a_whole_not_chunk_by_chunk(tmp_path: Path) -> None:
+    # pandas' low_memory parser infers types per chunk of 2**18 rows: ints in the first chunk, strs in the
+    # last (3 and "3" would become two categories of one feature).
+    n = 2**18 + 10
+    rows = "".join(f"{i},{i % 7}\n" for i in range(n - 1))
+    path = write(tmp_path / "items.csv", f"item_id,code\n{rows}{n},x\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = load_table(path, "item_id")
+    assert caught == []  # no DtypeWarning ("mixed types") either
+    assert {type(v) for v in table["code"]} == {str} and table["code"].iloc[0] == "0"

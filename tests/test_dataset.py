@@ -310,3 +310,21 @@ def test_a_feature_named_after_the_files_id_column_says_ids_are_renamed(tmp_path
         ValueError, match=r"log\.csv: features 'user' \(column 'user'\).*always called user_id and item_id"
     ):
         build_retrieval_data(config)
+
+
+def test_text_table_keys_and_numeric_log_ids_are_compared_as_text(tmp_path):
+    # The item table's key "007" makes its ids text while the log's 10, 11 are numbers: they used to
+    # fail to sort together (TypeError); now both are text, "10" is 10 and "007" stays its own item.
+    (tmp_path / "log.csv").write_text("user,movie\na,10\na,11\nb,10\nb,11\nc,10\nc,11\n")
+    (tmp_path / "items.csv").write_text("sku,genre\n007,x\n10,drama\n11,comedy\n")
+    config = RunConfig.model_validate({
+        "data": {"source": "files", "interactions": str(tmp_path / "log.csv"),
+                 "items": str(tmp_path / "items.csv"), "item_key": "sku",
+                 "columns": {"user": "user", "item": "movie"}},
+        "features": {"item": [{"type": "id", "name": "item_id"}, {"type": "categorical", "name": "genre"}]},
+        "eval": {"protocol": "tfrs"},
+    })  # fmt: skip
+    data = build_retrieval_data(config)
+    assert data.item_ids.tolist() == ["007", "10", "11"]
+    codes = data.item_table["genre"].tolist()
+    assert codes[1] != codes[2] and 0 not in codes[1:]  # 10 and 11 got their own genres, not "missing"

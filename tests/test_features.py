@@ -304,3 +304,78 @@ def test_list_cells_in_a_hashed_id_column_raise_the_same_clear_error() -> None:
     with pytest.raises(ValueError, match="feature 'u' \\(column 'u'\\) holds unhashable values"):
         enc.transform(pd.DataFrame({"u": [[1, 2], "a"]}))
     assert enc.transform(pd.DataFrame({"u": ["a", None]}))["u"].tolist()[1] == 0  # still fine otherwise
+
+
+def test_transform_record_parses_numeric_strings_as_the_frame_does() -> None:
+    """float() takes "nan" (read as missing), "1_000" and Arabic-Indic digits; the frame's pd.to_numeric
+    refuses all three. A served row was encoded where the same row in a frame is an error."""
+    encoder = FeatureEncoder(
+        [{"type": "numeric", "name": "x"}, {"type": "bucketized", "name": "y", "boundaries": [5]}]
+    )
+    encoder.fit(pd.DataFrame({"x": [1.0, 3.0], "y": [1.0, 9.0]}))
+    for text in ["nan", "NaN", "1_000", "١٢"]:
+        for col in ("x", "y"):
+            with pytest.raises(ValueError, match=f"column '{col}'.*not a finite number"):
+                encoder.transform(pd.DataFrame({"x": [1.0], "y": [1.0], col: [text]}, dtype=object))
+            with pytest.raises(ValueError, match=f"column '{col}'.*not a finite number"):
+                encoder.transform_record({col: text})
+    got = encoder.transform_record({"x": " 3 ", "y": "1e1"})
+    assert got["x"].tolist() == [1.0] and got["y"].tolist() == [2]
+
+
+def test_multi_hot_set_cells_are_token_sets_not_one_string_token() -> None:
+    """A set cell became the single token "{'a', 'b'}" (str of the set); its tokens are sorted, so
+    max_len keeps the same ones whatever the process's string hash seed."""
+    frame = pd.DataFrame({"g": pd.Series([{"b", "a"}, frozenset({"c"}), ["a", "d"]], dtype=object)})
+    encoder = FeatureEncoder([{"type": "multi_hot", "name": "g", "max_len": 2}]).fit(frame)
+    assert encoder.vocabulary("g") == ["a", "b", "c", "d"]
+    assert encoder.transform(frame)["g"].tolist() == [[2, 3], [4, 0], [2, 5]]
+    assert encoder.transform_record({"g": {"d", "c", "a", ""}})["g"].tolist() == [[2, 4]]
+
+
+def test_an_array_in_a_categorical_record_is_refused_as_in_a_frame() -> None:
+    """transform_record refused lists but took a numpy array as the string "['a' 'b']" (OOV, silently)."""
+    encoder = FeatureEncoder([{"type": "categorical", "name": "c"}]).fit(pd.DataFrame({"c": ["a", "b"]}))
+    with pytest.raises(ValueError, match="takes one value"):
+        encoder.transform_record({"c": np.array(["a", "b"])})
+    hashed = FeatureEncoder([{"type": "hashed_id", "name": "u", "num_buckets": 8}]).fit(
+        pd.DataFrame({"u": [1]})
+    )
+    with pytest.raises(ValueError, match="takes one value"):
+        hashed.transform_record({"u": np.array([1, 2])})
+
+
+def test_numeric_statistics_of_huge_values_do_not_overflow() -> None:
+    """The squares of values beyond 1e154 overflow: the std was inf and every value encoded as 0."""
+    frame = pd.DataFrame({"x": [1e200, 2e200, 3e200]})
+    encoder = FeatureEncoder([{"type": "numeric", "name": "x"}]).fit(frame)
+    np.testing.assert_allclose(encoder.transform(frame)["x"].numpy(), [-1.2247449, 0.0, 1.2247449], rtol=1e-6)
+    normal = pd.DataFrame({"x": [0.1, 2.5, -7.0, 1e6]})  # ordinary columns: bit-identical statistics
+    state = FeatureEncoder([{"type": "numeric", "name": "x"}]).fit(normal).to_dict()["state"]["x"]
+    assert state == {"mean": float(normal["x"].to_numpy().mean()), "std": float(normal["x"].to_numpy().std())}
+
+
+def test_a_bool_id_in_a_record_is_no_user_although_true_equals_1() -> None:
+    """The service sends a user id its catalogue lacks to transform_record; twotower.ids refuses True as
+    user 1, but the encoder keyed it as 1 and served user 1's embedding (or bucket)."""
+    frame = pd.DataFrame({"uid": [0, 1, 2], "flag": [True, False, True]})
+    encoder = FeatureEncoder([{"type": "id", "name": "uid"}, {"type": "categorical", "name": "flag"}]).fit(
+        frame
+    )
+    got = encoder.transform_record({"uid": True, "flag": True})
+    assert got["uid"].tolist() == [0] and got["flag"].tolist() == [2]  # a bool category still is one
+    assert encoder.transform_record({"uid": np.bool_(False)})["uid"].tolist() == [0]
+    hashed = FeatureEncoder([{"type": "hashed_id", "name": "uid", "num_buckets": 1 << 20}]).fit(frame)
+    assert hashed.transform_record({"uid": True})["uid"].tolist() == [0]
+
+
+def test_a_value_whose_standardised_form_overflows_float32_is_refused() -> None:
+    # Fitted on 1, 2, 3 (mean 2, std .8165): 1e308 is a finite float64 whose standardised value is
+    # about 1.2e308, infinite in float32 - it used to reach the tower and make its output NaN.
+    enc = FeatureEncoder([NumericFeature(name="x")]).fit(pd.DataFrame({"x": [1.0, 2.0, 3.0]}))
+    with pytest.raises(ValueError, match=r"feature 'x', column 'x': 1e\+308 is out of range"):
+        enc.transform_record({"x": 1e308})
+    with pytest.raises(ValueError, match=r"row 2 \(index 1\): 1e\+308 is out of range"):
+        enc.transform(pd.DataFrame({"x": [1.0, 1e308]}))
+    std = (2 / 3) ** 0.5
+    assert enc.transform_record({"x": 1e30})["x"].item() == pytest.approx((1e30 - 2) / std, rel=1e-6)

@@ -129,3 +129,15 @@ def test_a_run_trains_on_hashed_user_ids(tmp_path):
     assert np.isfinite(metrics["recall@10"]) and metrics["epochs_run"] == 1
     state = json.loads((tmp_path / "model.json").read_text())["user_encoder"]["state"]
     assert state == {"user_id": {"num_buckets": 512}}  # no vocabulary stored
+
+
+def test_numpy_scalars_and_whole_floats_hash_as_their_canonical_keys():
+    """np.float64 is a float whose repr is "np.float64(0.5)": it hashed apart from 0.5. np.int64 and int64
+    arrays raised TypeError, and 7.0 hashed apart from 7, the key twotower.features makes of it."""
+    assert hash_key(np.float64(0.5)) == hash_key(0.5)
+    assert hash_key(np.float32(0.5)) == hash_key(0.5)
+    assert hash_key(np.int64(7)) == hash_key(7) == hash_key(7.0) == hash_key(np.float64(7.0))
+    assert hash_key(np.str_("alice")) == hash_key("alice")
+    ids = np.array([-3, 0, 7, 2**62], dtype=np.int64)
+    assert hash_keys(ids).tolist() == mix64(ids).tolist() == [hash_key(int(i)) for i in ids]
+    assert hash_keys(list(ids)).tolist() == mix64(ids).tolist()

@@ -361,3 +361,57 @@ def test_parquet_uint64_ids_beyond_int64_keep_their_identity(tmp_path: Path) -> 
     pd.DataFrame({"user_id": np.array([2**63 - 1, 1], dtype=np.uint64), "item_id": [1, 2]}).to_parquet(path)
     f = load_interactions(path).frame
     assert f["user_id"].dtype == np.int64 and f["user_id"].tolist() == [2**63 - 1, 1]
+
+
+def test_parquet_integer_ids_with_nulls_beyond_2_53_keep_their_identity(tmp_path: Path) -> None:
+    # A non-pandas writer (Spark, polars, pyarrow) stores a nullable int64 column without pandas metadata;
+    # pandas would read it as float64, rounding 2**62 + 1 and 2**62 + 3 to the same float: one user.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "r.parquet"
+    big = [2**62 + 1, None, 2**62 + 3]
+    pq.write_table(
+        pa.table({"user_id": pa.array(big), "item_id": [1, 2, 3], "t": pa.array([5, None, 7])}), path
+    )
+    cols = InteractionColumns(timestamp="t")
+    raises_at(path, cols, row=2, line=None, column="user_id")
+    f = load_interactions(path, cols, on_bad_rows="skip").frame
+    assert f["user_id"].dtype == np.int64 and f["user_id"].tolist() == [2**62 + 1, 2**62 + 3]
+    assert f["timestamp"].tolist() == [5, 7]
+    pq.write_table(
+        pa.table({"user_id": pa.array([2**64 - 1, None, 1], pa.uint64()), "item_id": [1, 2, 3]}), path
+    )
+    assert load_interactions(path, on_bad_rows="skip").frame["user_id"].tolist() == [
+        "18446744073709551615",
+        "1",
+    ]
+    pq.write_table(pa.table({"item_id": pa.array([2**62 + 1, None]), "v": [1, 2]}), path)
+    with pytest.raises(DataError, match=r"row 2, column 'item_id': missing key"):
+        load_table(path, "item_id")
+
+
+def test_a_folder_of_part_files_is_named_as_a_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "log.parquet"  # what Spark or Dask write: a folder of part files
+    folder.mkdir()
+    pd.DataFrame({"user_id": [1], "item_id": [2]}).to_parquet(folder / "part-0.parquet")
+    with pytest.raises(IsADirectoryError, match=r"log.parquet: is a folder; pass one \.csv"):
+        load_interactions(folder)
+
+
+def test_parquet_ids_saved_as_the_frame_index_are_found(tmp_path: Path) -> None:
+    # df.set_index("item_id").to_parquet(): ids 1, 2 are kept only as a range in the pandas metadata,
+    # other ids as a column that pandas turns back into the index. Both used to be "not found" / KeyError.
+    path = tmp_path / "items.parquet"
+    for ids in ([1, 2], [5, 9]):
+        pd.DataFrame({"item_id": ids, "genre": ["a", "b"]}).set_index("item_id").to_parquet(path)
+        table = load_table(path, "item_id")
+        assert table.to_dict("list") == {"item_id": ids, "genre": ["a", "b"]}
+    log = tmp_path / "log.parquet"
+    pd.DataFrame({"user_id": [1, 2], "item_id": [3, 4], "r": [5.0, 4.0]}).set_index(
+        ["user_id", "item_id"]
+    ).to_parquet(log)
+    f = load_interactions(log, InteractionColumns(rating="r")).frame
+    assert f.to_dict("list") == {"user_id": [1, 2], "item_id": [3, 4], "rating": [5.0, 4.0]}
+    with pytest.raises(DataError, match=r"column 'x': column not found; available columns: \['r', 'user_id'"):
+        load_interactions(log, InteractionColumns(item="x"))

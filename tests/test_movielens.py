@@ -230,3 +230,43 @@ def test_ml20m_layout_and_folder(tmp_path: Path) -> None:
         pd.testing.assert_frame_equal(load_movielens("ml-25m", path=where).interactions, data.interactions)
     with pytest.raises(FileNotFoundError, match="has no 'ratings.csv'"):
         load_movielens("ml-20m", path=make_zip(tmp_path / "empty.zip", {"README": "x"}))
+
+
+def test_bad_cells_after_blank_lines_name_the_physical_line_and_nothing_wraps(tmp_path: Path) -> None:
+    # pandas skips the blank (and spaces-only) lines, so row 2 is on line 4; a bad cell must name line 4.
+    path = make_zip(tmp_path / "ml-100k.zip", fake_100k("1\t10\t4\t900\n\n   \n2\t11\tfive\t800\n"))
+    with pytest.raises(DataError) as info:
+        load_movielens("ml-100k", path=path)
+    assert (info.value.row, info.value.line, info.value.column) == (2, 4, "rating")
+    # A timestamp beyond int64 used to wrap to -2**63, an infinite rating was accepted.
+    for u_data, column, reason in [
+        ("1\t10\t4\t900\n2\t11\t5\t99999999999999999999\n", "timestamp", "not an integer"),
+        ("1\t10\t4\t900\n2\t11\tinf\t800\n", "rating", "not a finite number"),
+    ]:
+        path = make_zip(tmp_path / "bad.zip", fake_100k(u_data))
+        with pytest.raises(DataError) as info:
+            load_movielens("ml-100k", path=path)
+        assert (info.value.row, info.value.line, info.value.column) == (2, 2, column)
+        assert info.value.reason.startswith(reason)
+    csv_path = tmp_path / "ml-20m"
+    csv_path.mkdir()
+    (csv_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n\n1,10,4.0,5\n \n2,x,3.0,6\n")
+    (csv_path / "movies.csv").write_text("movieId,title,genres\n10,A (2000),Drama\n")
+    with pytest.raises(DataError) as info:
+        load_movielens("ml-20m", path=csv_path)
+    assert (info.value.row, info.value.line, info.value.column) == (2, 5, "movieId")
+
+
+def test_the_cached_archive_gets_the_mode_a_plain_open_would_give(tmp_path: Path, server: dict) -> None:
+    # mkstemp makes an owner-only (0600) file: renamed into a shared cache, other accounts could not read it.
+    import os
+
+    body = make_zip(tmp_path / "src.zip", fake_100k()).read_bytes()
+    server["body"] = body
+    cache = tmp_path / "cache"
+    load_movielens(
+        "ml-100k", cache_dir=cache, base_url=server["url"], expected_md5=hashlib.md5(body).hexdigest()
+    )
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (cache / "ml-100k.zip").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -145,6 +145,14 @@ def test_rows_follow_the_requested_users_in_order_and_string_ids_are_cast(retrie
     assert retriever.user_index([149]).dtype == torch.long
 
 
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_no_users_give_empty_arrays_of_zero_rows(retriever, exclude_seen):
+    ids, scores = retriever.recommend([], k=4, exclude_seen=exclude_seen)
+    assert ids.shape == scores.shape == (0, 4) and ids.dtype == object and scores.dtype == np.float32
+    ids, scores = retriever.recommend(np.array([], dtype=np.int64), k=1000, exclude_seen=exclude_seen)
+    assert ids.shape == scores.shape == (0, 90)
+
+
 def test_unknown_users_raise_an_error_naming_only_them(retriever):
     with pytest.raises(UnknownUserError) as info:
         retriever.recommend([0, 99999, 5], k=3)

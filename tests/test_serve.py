@@ -450,3 +450,80 @@ def test_malformed_numeric_ids_are_unknown_ids_never_a_5xx(client, body):
 def test_json_booleans_and_quoted_numbers_are_wrong_types_not_ids_or_counts(client, body):
     # lax validation made true user 1 and k=true one item
     assert client.post("/recommend", json=body).status_code == 422
+
+
+def _broken_export(src: Path, dst: Path, how: str) -> Path:
+    import shutil
+
+    shutil.copytree(src / "export", dst)
+    if how == "manifest_keys":  # an export of the right format whose manifest lacks a section
+        manifest = json.loads((dst / "manifest.json").read_text())
+        del manifest["files"]
+        (dst / "manifest.json").write_text(json.dumps(manifest))
+    elif how == "manifest_list":
+        (dst / "manifest.json").write_text("[]")
+    return dst
+
+
+@pytest.mark.parametrize("how", ["manifest_keys", "manifest_list", "corrupt_weights"])
+def test_a_reload_to_a_broken_run_or_export_is_a_409_with_the_reason_and_the_old_model_serves(
+    runs, tmp_path, how
+):
+    import shutil
+
+    if how == "corrupt_weights":  # a run whose weights file is cut short: safetensors' own error type
+        target = tmp_path / "run"
+        shutil.copytree(runs[1], target, ignore=shutil.ignore_patterns("export"))
+        data = (target / "model.safetensors").read_bytes()
+        (target / "model.safetensors").write_bytes(data[:100])
+    else:
+        target = _broken_export(runs[1], tmp_path / "export", how)
+    with TestClient(create_app(runs[0]), raise_server_exceptions=False) as c:
+        before = c.get("/healthz").json()["model"]
+        answer = c.post("/admin/reload", json={"path": str(target)})
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["detail"].startswith("not swapped: ")
+        assert c.get("/healthz").json()["model"] == before
+        assert c.post("/recommend", json={"user_id": 7}).status_code == 200
+
+
+def test_a_worker_keeps_following_swaps_after_one_it_could_not_load(runs, tmp_path):
+    control = tmp_path / "control"
+    control.mkdir()
+    broken = _broken_export(runs[1], tmp_path / "broken", "manifest_keys")
+    with TestClient(create_app(runs[0], control=control)) as c:
+        before = c.get("/healthz").json()["model"]
+        (control / "model.json").write_text(json.dumps({"generation": 1, "path": str(broken)}))
+        time.sleep(1.5)  # the worker polls every 0.5 s; the broken swap is logged and skipped
+        assert c.get("/healthz").json()["model"] == before
+        (control / "model.json").write_text(json.dumps({"generation": 2, "path": str(runs[1])}))
+        for _ in range(40):
+            time.sleep(0.25)
+            if str(runs[1]) in c.get("/healthz").json()["model"]:
+                break
+        assert str(runs[1]) in c.get("/healthz").json()["model"]
+
+
+def test_healthz_reads_the_served_model_once(runs):
+    """Every field of one /healthz answer describes the same model, even across a concurrent swap."""
+    app = create_app(runs[0])
+    holder = app.state.holder
+    first, second = holder.pipeline, load_pipeline(runs[1])
+
+    class Swapping:  # the swap lands between two reads of holder.pipeline
+        reads = 0
+
+        def __get__(self, obj, owner):  # type: ignore[no-untyped-def]
+            Swapping.reads += 1
+            return first if Swapping.reads == 1 else second
+
+        def __set__(self, obj, value):  # type: ignore[no-untyped-def]
+            pass
+
+    class Holder(type(holder)):
+        pipeline = Swapping()
+
+    holder.__class__ = Holder
+    with TestClient(app) as c:
+        health = c.get("/healthz").json()
+    assert health["model"] == first.model_id and health["users"] == len(first.exported.user_ids)

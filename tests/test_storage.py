@@ -82,3 +82,61 @@ def test_staging_directories_get_the_mode_mkdir_would_give(tmp_path):
     plain.mkdir()
     assert staged.parent == tmp_path and staged.name.startswith(".export.")
     assert _mode(staged) == _mode(plain)
+
+
+def test_a_truncated_json_or_safetensors_file_is_an_error_naming_it(tmp_path):
+    """The parsers' own errors ("Expecting ',' delimiter", "invalid header length") do not say which
+    file; the error does, and is still a ValueError and a SafetensorError for callers catching either."""
+    from safetensors import SafetensorError
+
+    write_json(tmp_path / "m.json", {"a": [1, 2, 3]})
+    broken = tmp_path / "broken.json"
+    broken.write_bytes((tmp_path / "m.json").read_bytes()[:9])
+    with pytest.raises(ValueError, match="broken.json"):
+        read_json(broken)
+    save_tensors(tmp_path / "w.safetensors", {"w": torch.ones(64)})
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((tmp_path / "w.safetensors").read_bytes()[:40])
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        load_tensors(cut)
+    with pytest.raises(SafetensorError, match="cut.safetensors"):
+        load_tensors(cut)
+
+
+def test_numpy_arrays_are_written_as_lists(tmp_path):
+    """_json_default took any object with .item() for a numpy scalar: an array raised "can only convert
+    an array of size 1"."""
+    write_json(tmp_path / "a.json", {"v": np.array([1, 2]), "m": np.zeros((2, 1), dtype=np.float32)})
+    assert read_json(tmp_path / "a.json") == {"m": [[0.0], [0.0]], "v": [1, 2]}
+
+
+def test_json_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """read_text() without an encoding decodes with the locale's: a hand-written UTF-8 JSON file (an
+    id "José") did not load under LANG=C."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ids.json"
+    path.write_bytes('{"id": "José"}'.encode())
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = f"from twotower.storage import read_json; print(ascii(read_json({str(path)!r})))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ascii({"id": "José"})
+
+
+def test_the_rename_is_made_durable_by_syncing_the_directory(tmp_path, monkeypatch):
+    """Until its directory is synced, a rename may be undone by a power loss."""
+    synced: list[bool] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert synced == [False, True]
+    synced.clear()
+    save_tensors(tmp_path / "t.safetensors", {"w": torch.ones(2)})
+    assert synced == [False, True]

@@ -170,6 +170,9 @@ def _tokens(cell: Any, separator: str) -> list[Any]:
         parts: Iterable[Any] = (p.strip() for p in cell.split(separator))
     elif isinstance(cell, list | tuple | np.ndarray | pd.Series):
         parts = (p.strip() if isinstance(p, str) else p for p in cell)
+    elif isinstance(cell, set | frozenset):  # no order of its own (str hashes are salted per process):
+        keys = {_canon(p.strip() if isinstance(p, str) else p) for p in cell} - {None}
+        return sorted(keys, key=_sort_key)  # sorted, so max_len keeps the same tokens in every run
     else:
         parts = [cell]
     keys = (_canon(p) for p in parts)

@@ -122,8 +122,11 @@ class FeatureEncoder:
             elif isinstance(spec, NumericFeature):
                 values = self._numbers(series, spec)
                 present = values[~np.isnan(values)]
-                mean = float(present.mean()) if present.size else 0.0
-                std = float(present.std()) if present.size else 1.0
+                # Computed on the values scaled by a power of two (exact: the same digits) to at most 1 in
+                # magnitude: the squares of values beyond 1e154 overflow, and an inf std encodes all as 0.
+                scale = math.ldexp(1.0, int(np.frexp(np.abs(present).max())[1])) if present.size else 1.0
+                mean = float((present / scale).mean()) * scale if present.size else 0.0
+                std = float((present / scale).std()) * scale if present.size else 1.0
                 # A constant column would divide by zero; scaling by 1 keeps it a harmless constant 0. Test
                 # it exactly: the float mean of n copies of a large value is off by rounding, so the std is
                 # tiny but not 0 (and would blow a difference of 1 up to millions). A near-constant column
@@ -184,9 +187,10 @@ class FeatureEncoder:
                 values = self._numbers(series, spec)
                 fill = state["mean"] if spec.fill is None else spec.fill
                 values = np.where(np.isnan(values), fill, values)
-                out[spec.name] = torch.from_numpy(
-                    ((values - state["mean"]) / state["std"]).astype(np.float32)
-                )
+                with np.errstate(over="ignore"):
+                    encoded = ((values - state["mean"]) / state["std"]).astype(np.float32)
+                _check_float32(encoded, spec, series)
+                out[spec.name] = torch.from_numpy(encoded)
             else:
                 values = self._numbers(series, spec)
                 idx = np.searchsorted(np.asarray(state["boundaries"]), values, side="right") + 1
@@ -203,18 +207,21 @@ class FeatureEncoder:
         for spec in self.specs:
             value, state = record.get(spec.column), self._state[spec.name]
             if isinstance(spec, IdFeature | CategoricalFeature):
-                if isinstance(value, list | tuple | dict | set):
+                if isinstance(value, list | tuple | dict | set | np.ndarray):
                     raise ValueError(
                         f"feature {spec.name!r} (column {spec.column!r}) takes one value, got {value!r}"
                     )
-                key = _canon(value)
+                # An id is never a bool (True == 1 would be user 1): unknown, as in twotower.ids, which sends
+                # a bool user id here as one the catalogue lacks.
+                bool_id = isinstance(spec, IdFeature) and isinstance(value, bool | np.bool_)
+                key = None if bool_id else _canon(value)
                 out[spec.name] = torch.tensor([0 if key is None else self._index[spec.name].get(key, 0)])
             elif isinstance(spec, HashedIdFeature):
-                if isinstance(value, list | tuple | dict | set):
+                if isinstance(value, list | tuple | dict | set | np.ndarray):
                     raise ValueError(
                         f"feature {spec.name!r} (column {spec.column!r}) takes one value, got {value!r}"
                     )
-                key = _canon(value)
+                key = None if isinstance(value, bool | np.bool_) else _canon(value)  # never a bool, as above
                 bucket = 0 if key is None else int(to_buckets(hash_keys([key]), spec.num_buckets)[0])
                 out[spec.name] = torch.tensor([bucket])
             elif isinstance(spec, MultiHotFeature):
@@ -232,7 +239,13 @@ class FeatureEncoder:
                 if isinstance(spec, NumericFeature):
                     fill = state["mean"] if spec.fill is None else spec.fill
                     x = fill if math.isnan(number) else number
-                    out[spec.name] = torch.tensor([(x - state["mean"]) / state["std"]], dtype=torch.float32)
+                    encoded = torch.tensor([(x - state["mean"]) / state["std"]], dtype=torch.float32)
+                    if not bool(torch.isfinite(encoded).all()):  # 1e308 is finite, not in float32
+                        raise ValueError(
+                            f"feature {spec.name!r}, column {spec.column!r}: {value!r} is out of range "
+                            f"(its standardised value overflows float32)"
+                        )
+                    out[spec.name] = encoded
                 else:
                     bucket = int(np.searchsorted(np.asarray(state["boundaries"]), number, side="right")) + 1
                     out[spec.name] = torch.tensor([0 if math.isnan(number) else bucket])
@@ -244,12 +257,14 @@ class FeatureEncoder:
         if value is None or value is pd.NA or (isinstance(value, str) and not value.strip()):
             return math.nan
         try:
-            number = float(value)
+            # A string is parsed as a frame parses it (pd.to_numeric): float() would also take "1_000" and
+            # non-ASCII digits, and read "nan" as missing where a frame refuses it as no number.
+            number = float(pd.to_numeric(value) if isinstance(value, str) else value)
         except (TypeError, ValueError):
             raise ValueError(
                 f"feature {spec.name!r}, column {spec.column!r}: not a finite number: {value!r}"
             ) from None
-        if math.isinf(number):
+        if math.isinf(number) or (isinstance(value, str) and math.isnan(number)):
             raise ValueError(f"feature {spec.name!r}, column {spec.column!r}: not a finite number: {value!r}")
         return number
 
@@ -361,3 +376,17 @@ class FeatureEncoder:
                 f"feature {spec.name!r}, column {spec.column!r}, {where}: not a finite number: {value!r}"
             )
         return values
+
+
+def _check_float32(encoded: np.ndarray, spec: FeatureSpec, series: pd.Series) -> None:
+    """Standardised values must fit float32: 1e308 is a finite float64 but an infinite float32, which
+    would turn the tower's output into NaN."""
+    bad = ~np.isfinite(encoded)
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        label, value = _py(series.index[pos]), _py(series.iloc[pos])
+        where = f"{series.index.name} {label!r}" if series.index.name else f"row {pos + 1} (index {label!r})"
+        raise ValueError(
+            f"feature {spec.name!r}, column {spec.column!r}, {where}: {value!r} is out of range "
+            f"(its standardised value overflows float32)"
+        )

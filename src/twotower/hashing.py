@@ -62,7 +62,11 @@ def _blake(data: bytes) -> int:
 
 def hash_key(key: int | float | str) -> int:
     """The stable 64-bit hash of one canonical key (an int, a non-integer float or a str)."""
+    if isinstance(key, np.generic):  # np.float64 is a float whose repr is "np.float64(0.5)": unwrap
+        key = key.item()
     if isinstance(key, bool):  # bool is an int subclass; canonical keys never hold it, be explicit
+        key = int(key)
+    if isinstance(key, float) and key.is_integer():  # 7.0 is the integer key 7, as in twotower.features
         key = int(key)
     if isinstance(key, int):
         return _mix64_int(key)
@@ -75,7 +79,7 @@ def hash_key(key: int | float | str) -> int:
 
 def hash_keys(keys: Iterable[int | float | str]) -> np.ndarray:
     """:func:`hash_key` of each key, as a uint64 array (integers vectorised)."""
-    keys = list(keys)
+    keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)  # numpy scalars as Python ones
     out = np.empty(len(keys), dtype=np.uint64)
     is_int = np.fromiter((isinstance(k, int) for k in keys), dtype=bool, count=len(keys))
     if is_int.any():

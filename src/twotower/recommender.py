@@ -145,6 +145,8 @@ def evaluate_run(run_dir: str | Path, protocol: str | None = None) -> dict[str, 
 def _subset(csr: CSR, rows: Tensor) -> CSR:
     """The CSR restricted to ``rows`` (in that order)."""
     cols = [csr.indices[csr.indptr[r] : csr.indptr[r + 1]] for r in rows.tolist()]
+    if not cols:  # no rows (torch.cat refuses an empty list)
+        return CSR.from_pairs(torch.zeros(0, dtype=torch.long), csr.indices[:0], 0)
     row_ids = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(cols)])
     return CSR.from_pairs(row_ids, torch.cat(cols), len(cols))
 

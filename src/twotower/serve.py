@@ -135,7 +135,7 @@ def create_app(
                 try:
                     await run_in_threadpool(holder.swap, Path(state["path"]), retrieve_n, index, light_n)
                     reloads.inc()
-                except (FileNotFoundError, ValueError) as exc:  # keep serving the model we have
+                except Exception as exc:  # keep serving the model we have, and keep following
                     log.error("could not follow the swap to %s: %s", state["path"], exc)
 
     @asynccontextmanager
@@ -232,10 +232,11 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> dict:
-        exported = holder.pipeline.exported
+        current = holder.pipeline  # read once: a concurrent swap cannot mix two models' facts
+        exported = current.exported
         return {
             "status": "ok",
-            "model": holder.pipeline.model_id,
+            "model": current.model_id,
             "items": int(len(exported.item_ids)),
             "users": int(len(exported.user_ids)),
             "index": exported.manifest["index"]["backend"],
@@ -259,8 +260,9 @@ def create_app(
             start = time.perf_counter()
             try:
                 fresh = await run_in_threadpool(holder.swap, target, retrieve_n, index, light_n)
-            except (FileNotFoundError, ValueError) as exc:
-                return JSONResponse(status_code=409, content={"detail": f"not swapped: {exc}"})  # type: ignore[return-value]
+            except Exception as exc:  # a missing or broken run or export: the old model keeps serving
+                reason = str(exc) if isinstance(exc, OSError | ValueError) else f"{type(exc).__name__}: {exc}"
+                return JSONResponse(status_code=409, content={"detail": f"not swapped: {reason}"})  # type: ignore[return-value]
             reloads.inc()
             if control_file is not None:  # tell the other workers
                 holder.generation = time.time_ns()

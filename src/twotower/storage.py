@@ -7,13 +7,16 @@ target, so a crash leaves either the old file or the new one - never a truncated
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -58,6 +61,19 @@ def _atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable: until the directory itself is synced, a power loss may
+    undo it (and a checkpoint's JSON could outlive the rename of the tensors file it names). Best
+    effort: some file systems refuse to sync a directory, and the file is in place either way."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -77,8 +93,16 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+class DamagedFileError(ValueError, SafetensorError):
+    """A truncated or corrupt JSON/safetensors file; the message names the file (the parsers' own errors
+    do not). A ValueError and a SafetensorError, so callers catching either still catch it."""
+
+
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    try:  # JSON is UTF-8 whatever the locale says
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise DamagedFileError(f"{path}: not a readable JSON file ({err})") from err
 
 
 def save_tensors(
@@ -106,14 +130,18 @@ def save_tensors(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise DamagedFileError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor | np.ndarray):  # an array's .item() only takes one element
         return obj.tolist()
     if hasattr(obj, "item"):  # numpy scalars
         return obj.item()

@@ -151,6 +151,9 @@ def read_frame(path: Path, sep: str, dtype: Any, default_na: bool) -> _Frame:
             on_bad_lines="warn",
             encoding="utf-8-sig",
             index_col=False,
+            # Inferring types chunk by chunk can give one column ints in some rows and strs in others
+            # (3 and "3", two categories); with every column read as str there is nothing to infer.
+            low_memory=dtype is str,
         )
     shape_warned = False
     for w in caught:

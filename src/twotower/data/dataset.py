@@ -98,6 +98,9 @@ def load_raw(source: MovieLensSource | SyntheticSource | FileSource) -> RawData:
     if items is not None:
         items = items.rename(columns={source.item_key: ITEM})
     frame, impressions = loaded.frame, None
+    for key, table in ((USER, users), (ITEM, items)):
+        frame, table = _ids_compared_as_text(frame, table, key)
+        users, items = (table, items) if key == USER else (users, table)
     if "clicked" in frame.columns:
         # Clicks are the interactions; rows shown without a click become candidate negatives.
         clicked = frame["clicked"].to_numpy(bool)
@@ -254,6 +257,20 @@ def _check_feature_columns(specs: list, frame: pd.DataFrame, path: str | None) -
 def _holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     mask = np.random.default_rng(seed).random(len(df)) < fraction
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
+
+
+def _ids_compared_as_text(
+    frame: pd.DataFrame, table: pd.DataFrame | None, key: str
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Each file's ids are typed on their own (whole numbers, else text): a table keyed "007" is text
+    while the log's 1, 2 are numbers. Then both are compared as text, so "1" in the table is 1 in
+    the log and "007" stays distinct from 7."""
+    if table is None:
+        return frame, table
+    numeric = [pd.api.types.is_integer_dtype(f[key]) for f in (frame, table)]
+    if numeric[0] == numeric[1]:
+        return frame, table
+    return frame.assign(**{key: frame[key].astype(str)}), table.assign(**{key: table[key].astype(str)})
 
 
 def _catalogue(ids: pd.Series, table: pd.DataFrame | None) -> np.ndarray:

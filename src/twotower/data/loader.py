@@ -103,8 +103,34 @@ def _check_columns(path: Path, available: list[str], required: list[str]) -> Non
             raise DataError(path, f"column not found; available columns: {available}", column=col)
 
 
+def _nullable_int(t: Any) -> Any:
+    """pandas' nullable integer dtype for an Arrow integer type (None for any other type)."""
+    import pyarrow as pa
+
+    if not pa.types.is_integer(t):
+        return None
+    return pd.api.types.pandas_dtype(f"{'UInt' if pa.types.is_unsigned_integer(t) else 'Int'}{t.bit_width}")
+
+
+def _keep_integers(path: Path, schema: Any, frame: pd.DataFrame, required: list[str]) -> None:
+    """Re-read configured integer columns holding nulls as nullable integers: pandas makes them float64,
+    which rounds values beyond 2**53 (two distinct 62-bit ids would become one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = [c for c in dict.fromkeys(required) if c in schema.names]
+    wanted = [c for c in names if pa.types.is_integer(schema.field(c).type)]
+    if wanted:
+        table = pq.read_table(path, columns=wanted)
+        for col in wanted:
+            if table.column(col).null_count:
+                frame[col] = table.column(col).to_pandas(types_mapper=_nullable_int).array
+
+
 def _read(path: str | Path, sep: str | None, required: list[str], dtype: Any, default_na: bool) -> _Raw:
     path = Path(path)
+    if path.is_dir():  # e.g. a Spark/Dask output folder of part files
+        raise IsADirectoryError(f"{path}: is a folder; pass one .csv, .tsv, .txt or .parquet file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -112,11 +138,23 @@ def _read(path: str | Path, sep: str | None, required: list[str], dtype: Any, de
         import pyarrow.parquet as pq
 
         try:
-            available = pq.read_schema(path).names
+            schema = pq.read_schema(path)
         except Exception as exc:  # pyarrow raises several types for non-Parquet bytes
             raise DataError(path, f"not a readable Parquet file ({exc})") from exc
+        # A frame saved with df.set_index("item_id") keeps the ids as its index: stored as a column, or
+        # (ids 1, 2, 3...) only as a range in the pandas metadata, which pd.read_parquet rebuilds.
+        ranges = [
+            i.get("name")
+            for i in (schema.pandas_metadata or {}).get("index_columns", [])
+            if isinstance(i, dict)
+        ]
+        available = schema.names + [n for n in ranges if isinstance(n, str) and n not in schema.names]
         _check_columns(path, available, required)
         frame = pd.read_parquet(path)
+        levels = [n for n in frame.index.names if n in required and n not in frame.columns]
+        if levels:
+            frame = frame.reset_index(level=levels)
+        _keep_integers(path, schema, frame, required)
         return _Raw(path, frame.reset_index(drop=True), None, np.arange(1, len(frame) + 1), [])
     if suffix not in _TEXT_SUFFIXES:
         raise DataError(path, f"unsupported file type {suffix!r} (use .csv, .tsv, .txt, .parquet)")

@@ -18,7 +18,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import urllib.request
 import zipfile
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from twotower.data.errors import ChecksumError, DataError
+from twotower.storage import temp_file_beside
 
 MovieLensName = Literal["ml-100k", "ml-1m", "ml-20m", "ml-25m"]
 DEFAULT_BASE_URL = "https://files.grouplens.org/datasets/movielens/"
@@ -148,7 +148,7 @@ def _read(
     try:
         with files.open(fname) as fh:
             frame = pd.read_csv(source(fh), dtype={c: numeric.get(c, str) for c in names}, **opts)
-        if not any(frame[c].isna().any() for c in numeric):
+        if not any(frame[c].isna().any() or np.isinf(frame[c].to_numpy()).any() for c in numeric):
             return frame
     except (ValueError, OverflowError) as exc:
         if isinstance(exc, pd.errors.ParserError):
@@ -158,16 +158,39 @@ def _read(
         frame = pd.read_csv(source(fh), dtype=str, **opts)
     for column, dtype in numeric.items():
         values = pd.to_numeric(frame[column].str.strip(), errors="coerce")
-        bad = values.isna() | ((values % 1 != 0) if dtype == "int64" else False)
+        as_float = values.astype(np.float64)
+        bad = values.isna() | ~np.isfinite(as_float)
+        if dtype == "int64":  # a whole number beyond int64 would wrap around silently
+            bad |= (values % 1 != 0) | ((as_float.abs() >= 2**63) if values.dtype != np.int64 else False)
         if bad.any():
             pos = int(np.flatnonzero(bad.to_numpy())[0])
-            what = "an integer" if dtype == "int64" else "a number"
+            what = (
+                "an integer"
+                if dtype == "int64"
+                else "a finite number"
+                if values.notna().iloc[pos]
+                else "a number"
+            )
+            line = _line_of(files, fname, pos + 1 + header, str(opts["sep"]))
             raise DataError(
-                label, f"not {what}: {frame[column].iloc[pos]!r}", row=pos + 1, line=pos + 1 + header,
-                column=column,
-            )  # fmt: skip
+                label, f"not {what}: {frame[column].iloc[pos]!r}", row=pos + 1, line=line, column=column
+            )
         frame[column] = values.astype(dtype)
     return frame
+
+
+def _line_of(files: _Files, fname: str, record: int, sep: str) -> int | None:
+    """Physical line of the ``record``-th record (header included) as pandas counts them: it skips empty
+    lines and lines of only spaces and tabs (other than the separator)."""
+    blank = b" \t".replace(sep.encode(), b"")
+    seen = 0
+    with files.open(fname) as fh:
+        for number, raw in enumerate(fh, start=1):
+            if raw.rstrip(b"\r\n").strip(blank):
+                seen += 1
+                if seen == record:
+                    return number
+    return None
 
 
 def _interactions(frame: pd.DataFrame) -> pd.DataFrame:
@@ -283,7 +306,7 @@ def _download(url: str, dest: Path, digests: dict[str, str]) -> None:
     """Fetch ``url`` to ``dest`` atomically: a temp file in the same folder, verified, then renamed, so an
     interrupted or corrupt download never looks like a cached archive."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp_name = temp_file_beside(dest)  # the mode open() would give (mkstemp's 0600 locks others out)
     tmp = Path(tmp_name)
     hashes = {algo: hashlib.new(algo, usedforsecurity=False) for algo in digests}
     try:
@@ -300,6 +323,8 @@ def _download(url: str, dest: Path, digests: dict[str, str]) -> None:
                         for h in hashes.values():
                             h.update(chunk)
                         bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename: a power loss must not leave a short archive
         for algo, expected in digests.items():
             actual = hashes[algo].hexdigest()
             if actual != expected.lower():

@@ -26,7 +26,6 @@ Everything is drawn from ``numpy.random.default_rng([seed, ...])``: the same con
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from twotower.storage import read_json, write_json
+from twotower.storage import read_json, temp_file_beside, write_json
 
 __all__ = ["ScaleConfig", "ScaleDataset", "generate_scale_dataset", "open_scale_dataset"]
 
@@ -152,12 +151,14 @@ def _chunks(cfg: ScaleConfig, world: _World) -> Iterator[pa.Table]:
 
 
 def _write_atomic(path: Path, tables: Iterator[pa.Table], schema: pa.Schema, row_group_size: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)  # the mode open() would give, not mkstemp's owner-only 0600
     os.close(fd)
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for table in tables:
                 writer.write_table(table, row_group_size=row_group_size)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())  # on disk before the rename (and before scale.json names it)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -169,6 +170,9 @@ def generate_scale_dataset(out_dir: str | Path, config: ScaleConfig | None = Non
     cfg = config or ScaleConfig()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    # The manifest vouches for the files: drop it first, so an interrupted rewrite (new items.parquet,
+    # old interactions.parquet) is not later opened as the dataset of the old manifest's config.
+    (root / "scale.json").unlink(missing_ok=True)
     world = _world(cfg)
     items = pa.table(
         {
@@ -192,7 +196,7 @@ def open_scale_dataset(root: str | Path, expected: ScaleConfig | None = None) ->
     """The dataset already written in ``root`` (None when absent, incomplete or of another config)."""
     root = Path(root)
     manifest = root / "scale.json"
-    if not manifest.exists() or not (root / "interactions.parquet").exists():
+    if not all(p.exists() for p in (manifest, root / "interactions.parquet", root / "items.parquet")):
         return None
     meta = read_json(manifest)
     if meta.get("format") != _FORMAT:
