@@ -15,7 +15,8 @@ the main ranker's own top 10 over the catalogue inside retrieval's top N; light_
 the same after the light ranker; spearman_retrieval_ranker on retrieval's 50; retrieval_ndcg@10 and
 served_ndcg@10 against the true p(click | seen); oracle funnels with stages replaced by the truth.
 
-Writes bench/results/funnel.json, funnel.md and funnel.png (recall of the ranker's top 10 vs N).
+Writes bench/results/funnel.json, funnel.md and funnel.png (recall of the ranker's top 10 vs N);
+--quick writes funnel_quick.*.
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         {"dataset": dataset, "protocol": per_seed[0]["protocol"], "method": "whole experiment"},
         {"seconds": seconds}, seeds,
     )  # fmt: skip
-    command = "python bench/funnel.py" + (" --quick" if args.quick else "")
-    print(write(result("funnel", command, rows)))
-    plot(per_seed, RESULTS / "funnel.png")
+    command = "python bench/funnel.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    # A smoke run must not overwrite the default run's results (funnel_quick.*, as the other benchmarks).
+    name = "funnel" + ("_quick" if args.quick else "")
+    print(write(result(name, command, rows)))
+    plot(per_seed, RESULTS / f"{name}.png")
     return 0
 
 

@@ -4,7 +4,8 @@
     python bench/movielens_100k.py --quick    # smoke run: 1 seed, 2 epochs (under a minute)
 
 Reads ML-100K from ../shared/data/ml-100k when present (or --data), otherwise downloads it from GroupLens
-(checksum verified). Writes bench/results/movielens_100k.json and .md in the format of bench-format.md.
+(checksum verified). Writes bench/results/movielens_100k.json and .md in the format of bench-format.md
+(--quick: movielens_100k_quick.*).
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def run(args: argparse.Namespace) -> dict:
             }
             for m, v in metrics.items()
         )
-    return result(NAME, "python bench/movielens_100k.py" + (" --quick" if args.quick else ""), rows)
+    # A smoke run writes movielens_100k_quick.*, never over the default run's results.
+    name = NAME + ("_quick" if args.quick else "")
+    return result(name, "python bench/movielens_100k.py" + (" --quick" if args.quick else ""), rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ bench/results/objectives.json and .md (bench-format.md).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -72,11 +73,16 @@ METRICS = ("ndcg@10", "recall@10")
 
 
 def merge(out: Path, name: str, command: str, new_rows: list[dict]) -> dict:
-    """Replace the (protocol, method) rows that were just measured in the saved results; keep the rest."""
+    """Replace the (protocol, method) rows that were just measured in the saved results; keep the rest.
+
+    Every row carries the command that measured it, so a partial run (--only, --protocols, --seeds)
+    leaves the others' provenance intact; the header lists each command once (as bench/ultr.py)."""
     path = out / f"{name}.json"
+    new_rows = [{**r, "command": command} for r in new_rows]
     done = {(r["protocol"], r["method"]) for r in new_rows}
     old = read_json(path)["rows"] if path.exists() else []
     rows = [r for r in old if (r["protocol"], r["method"]) not in done] + new_rows
+    command = " ; ".join(dict.fromkeys(r.get("command", "(command not recorded)") for r in rows))
 
     def order(r: dict) -> tuple[int, int]:
         method = list(SCHEMES).index(r["method"]) if r["method"] in SCHEMES else len(SCHEMES)
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> None:
     data_path = args.data or (str(DEFAULT_ML100K) if DEFAULT_ML100K.exists() else None)
     schemes = {k: v for k, v in SCHEMES.items() if (not args.quick or k in QUICK) and args.only in k}
     name = NAME + ("_quick" if args.quick else "")
-    command = "python bench/objectives.py" + (" --quick" if args.quick else "")
+    command = shlex.join(["python", "bench/objectives.py", *args.argv])
     text = ""
     for protocol in args.protocols:
         common = [f"data.path={data_path}" if data_path else "data.path=null", f"eval.protocol={protocol}"]
@@ -133,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     parser.add_argument("--data", help="ML-100K folder or zip (default: ../shared/data/ml-100k or download)")
     parser.add_argument("--out", default=RESULTS)
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    run(args)
 
 
 if __name__ == "__main__":

@@ -166,10 +166,14 @@ PARTS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {"index": run_ind
 
 
 def merge(out: Path, name: str, command: str, parts: list[str], new_rows: list[dict]) -> dict:
-    """The saved rows of the parts not run this time, then the new rows."""
+    """The saved rows of the parts not run this time, then the new rows. Every row carries the command
+    that measured it and the header lists each command once, so a partial run (--parts) does not
+    relabel the rows it kept."""
     path = out / f"{name}.json"
     old = read_json(path)["rows"] if path.exists() else []
-    return result(name, command, [r for r in old if r.get("part") not in parts] + new_rows)
+    rows = [r for r in old if r.get("part") not in parts] + [{**r, "command": command} for r in new_rows]
+    commands = " ; ".join(dict.fromkeys(r.get("command", "(command not recorded)") for r in rows))
+    return result(name, commands, rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,8 @@ a. main: every method in twotower.ultr.METHODS x {position-based (pbm), cascade}
    (2000 users x 40 candidates each, two devices) and on MovieLens 100K (users as queries, rated movies
    as documents, rating - 1 as the label), logged by a linear production ranker fitted on 1 % of the
    training queries' true labels (the ULTRA protocol), top 10 shown, 10 sessions per query, 5 % RandTop-N
-   sessions, clicks redrawn every epoch. Metrics against the TRUE labels of held-out queries (20 %);
+   sessions, clicks redrawn every epoch. Metrics against the TRUE labels of held-out queries (20 %):
+   nDCG@1/3/5/10 and MRR@3/5/10 (rows measured before MRR@3/5 were added have mrr@10 only);
    click log-likelihood and AUC on a held-out click log of those queries, logged by the same ranker.
    (Rows without a `held_out_log` field are older: their held-out clicks were logged by a ranker fitted
    on 1 % of the held-out queries' own labels; only their click_loglik / click_auc depend on it.)
@@ -56,8 +57,8 @@ from twotower.storage import read_json  # noqa: E402
 from twotower.ultr import METHODS, UltrConfig, evaluate_ranker, train_ranker  # noqa: E402
 
 NAME = "ultr"
-METRICS = ("ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "mrr@10", "curve_max_abs_error", "click_loglik",
-           "click_auc", "seconds")  # fmt: skip
+METRICS = ("ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "mrr@3", "mrr@5", "mrr@10", "curve_max_abs_error",
+           "click_loglik", "click_auc", "seconds")  # fmt: skip
 SWEEP_W = (0.0, 0.25, 0.5, 0.75, 1.0)
 SWEEP_METHODS = (
     "two-tower-additive",

@@ -68,20 +68,19 @@ def test_minus_inf_scores_still_rank_before_padding() -> None:
 
 def test_ranking_metrics_average_over_queries_with_a_relevant_document() -> None:
     metrics = ranking_metrics(SCORES, LABELS, OFFSETS, ks=(10, 1, 3))
-    assert list(metrics) == ["ndcg@1", "ndcg@3", "ndcg@10", "mrr@10", "queries"]
+    assert list(metrics) == ["ndcg@1", "ndcg@3", "ndcg@10", "mrr@1", "mrr@3", "mrr@10", "queries"]
     assert metrics["queries"] == 2  # B is left out
     assert metrics["ndcg@1"] == pytest.approx((1 / 7 + 1.0) / 2)
     assert metrics["ndcg@3"] == pytest.approx((A_DCG3 / A_IDCG3 + 1.0) / 2)
     assert metrics["ndcg@10"] == pytest.approx((A_DCG10 / A_IDCG10 + 1.0) / 2)
     assert metrics["mrr@10"] == pytest.approx((1.0 + 1.0) / 2)
     assert set(ranking_metrics(SCORES, LABELS, OFFSETS)) == {
-        "ndcg@1",
-        "ndcg@3",
-        "ndcg@5",
-        "ndcg@10",
-        "mrr@10",
+        *(f"{name}@{k}" for name in ("ndcg", "mrr") for k in (1, 3, 5, 10)),
         "queries",
     }
+    # MRR at a cut-off: a query whose first relevant document is below it counts 0 there.
+    late = ranking_metrics(np.array([3.0, 2.0, 1.0]), np.array([0, 0, 1]), np.array([0, 3]), ks=(1, 3))
+    assert (late["mrr@1"], late["mrr@3"]) == (0.0, pytest.approx(1 / 3))
 
 
 def test_empty_groups_and_no_queries() -> None:

@@ -262,3 +262,51 @@ def test_a_log_without_any_click_is_an_error_not_a_meaningless_ranker(planted, t
     )
     with pytest.raises(ValueError, match="unclicked.csv: no click on a known item"):
         fit_run_ranker(planted.run_dir, path, _config())
+
+
+def test_a_log_whose_clicks_all_fall_in_the_validation_split_is_an_error(planted, tmp_path):
+    """One clicked request of two, half held out: on the seeds that hold it out, training would see no
+    click at all (the dead ranker the no-click check refuses), so it is refused the same way."""
+    path = _hand_made(tmp_path / "one-click.csv", [("a", 0, 1, 1, 1, "desktop"), ("b", 1, 2, 1, 0, "mobile")])
+    refused = 0
+    for seed in range(6):
+        try:
+            fit_run_ranker(planted.run_dir, path, _config(epochs=1, valid_fraction=0.5, seed=seed))
+        except ValueError as exc:
+            assert "one-click.csv: no click on a known item" in str(exc) and "validation" in str(exc)
+            refused += 1
+    assert 0 < refused < 6
+
+
+def test_early_stopping_summary_describes_the_restored_weights(planted, tmp_path, monkeypatch):
+    """With early stopping the ranker holds the best epoch's weights: the summary's held-out metrics are
+    that epoch's, not the last one's."""
+    import twotower.reranker as reranker
+
+    real_fit = reranker.fit
+    results = []
+
+    def fit(model, batches, config, run_dir, validate=None, **kwargs):
+        calls = iter(range(100))
+
+        def worse_after_the_first_epoch():  # epoch 1 is the best; epochs 2 and 3 are worse
+            return {k: v - next(calls) for k, v in validate().items()}
+
+        results.append(real_fit(model, batches, config, run_dir, worse_after_the_first_epoch, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(reranker, "fit", fit)
+    path = planted.write_csv(tmp_path / "impressions.csv", planted.simulate(300, 7))
+    stopping = {"metric": "click_loglik", "patience": 2}
+    config = _config(epochs=3, valid_fraction=0.3, early_stopping=stopping)
+    _, summary = fit_run_ranker(planted.run_dir, path, config.model_copy(update={"bias_refit": False}))
+    (result,) = results
+    assert result.best_epoch == 1 and result.epochs_run == 3
+    assert summary["valid_click_loglik"] == result.best_metric and summary["best_epoch"] == 1
+
+
+def test_a_log_shown_only_below_max_position_says_so(planted, tmp_path):
+    """Every row deeper than max_position: the error names the cause, not the ids (which are fine)."""
+    path = _hand_made(tmp_path / "deep.csv", [("a", 0, 1, 11, 1, "desktop"), ("a", 0, 2, 12, 0, "desktop")])
+    with pytest.raises(ValueError, match=r"deep.csv: .*no row at a position <= max_position \(10\)"):
+        fit_run_ranker(planted.run_dir, path, _config())

@@ -123,3 +123,38 @@ def test_a_ranker_that_does_not_fit_its_run_is_refused(tmp_path):
     meta_path.write_text("{ not json")
     with pytest.raises(RankerFormatError, match="unreadable"):
         RunRanker.load_dir(where, DIM, ITEMS, sha)
+
+
+def test_a_failed_replace_puts_the_old_ranker_back_and_a_crash_between_renames_is_named(
+    tmp_path, monkeypatch
+):
+    import os
+
+    run_dir = _fake_run(tmp_path)
+    _ranker(run_dir, seed=1).save(run_dir)
+    before = _scores(RunRanker.load(run_dir))
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):  # the old ranker moves aside, then the new one cannot move in
+        calls.append(Path(dst).name)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("twotower.run_ranker.os.replace", second_rename_fails)
+    with pytest.raises(OSError, match="disk full"):
+        _ranker(run_dir, seed=2).save(run_dir)
+    monkeypatch.undo()
+    assert torch.equal(_scores(RunRanker.load(run_dir)), before)  # the old ranker serves, nothing left over
+    assert sorted(p.name for p in run_dir.iterdir() if "ranker" in p.name) == ["ranker"]
+    # A crash between the renames (simulated): load names the ranker set aside instead of saying "none".
+    os.replace(run_dir / RANKER_DIR, run_dir / ".ranker-old-abc")
+    with pytest.raises(
+        RankerFormatError, match=r"interrupted save left the previous one in .*\.ranker-old-abc"
+    ):
+        RunRanker.load(run_dir)
+    # A stray file where the ranker goes is replaced, and nothing is left beside it.
+    (run_dir / ".ranker-old-abc").rename(run_dir / "elsewhere")
+    (run_dir / RANKER_DIR).write_text("not a ranker")
+    _ranker(run_dir, seed=3).save(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir() if "ranker" in p.name) == ["ranker"]

@@ -108,9 +108,10 @@ def mrr_per_query(
 def ranking_metrics(
     scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray, ks: Iterable[int] = (1, 3, 5, 10)
 ) -> dict[str, float]:
-    """Mean ``ndcg@k`` for each k and ``mrr@max(ks)`` over the queries with a relevant document.
+    """Mean ``ndcg@k`` and ``mrr@k`` for each k over the queries with a relevant document.
 
-    With the default ks the keys are ndcg@1, ndcg@3, ndcg@5, ndcg@10, mrr@10 and ``queries``, the
+    With the default ks the keys are ndcg@1/3/5/10, mrr@1/3/5/10 (ULTRA reports both at 3, 5 and 10)
+    and ``queries``, the
     number of queries averaged over (queries without a document of label >= 1 are left out, see the
     module docstring). Means over no queries are NaN.
     """
@@ -119,7 +120,7 @@ def ranking_metrics(
         raise ValueError("ks must name at least one cutoff")
     ranked, valid = _rank(scores, labels, offsets)
     per_query = {f"ndcg@{k}": _ndcg(ranked, k) for k in ks}
-    per_query[f"mrr@{ks[-1]}"] = _reciprocal_rank(ranked, valid, ks[-1], threshold=1)
+    per_query |= {f"mrr@{k}": _reciprocal_rank(ranked, valid, k, threshold=1) for k in ks}
     # The same queries are NaN in every entry: those without a document of label >= 1.
     used = int(np.count_nonzero(~np.isnan(per_query[f"ndcg@{ks[0]}"])))
     out: dict[str, float] = {

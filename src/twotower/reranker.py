@@ -98,13 +98,16 @@ def fit_run_ranker(
         "dropped_no_known_item": int(((users >= 0) & ~known.any(axis=1)).sum()),  # requests
     }
     if not keep.any():
-        raise ValueError(
-            f"{path}: no request left to train on ({counts}): are its user and item ids those of the "
-            f"run {run_dir}?"
+        hint = (
+            f"are its user and item ids those of the run {run_dir}?"
+            if len(users)
+            else f"it has no row at a position <= max_position ({config.max_position})"
         )
+        raise ValueError(f"{path}: no request left to train on ({counts}): {hint}")
     if counts["dropped_unknown_user"] or counts["masked_unknown_item"]:
         log.warning("%s: ids outside the run's catalogue: %s", path, counts)
-    if not (lists.clicks[keep] * known[keep]).any():
+    clicked = (lists.clicks[keep] * known[keep]).any(axis=1)  # per kept request
+    if not clicked.any():
         # Without a click the likelihood is maximised by p(click) = 0 everywhere: a ranker that ranks
         # nothing and an examination curve that means nothing.
         raise ValueError(f"{path}: no click on a known item in the requests left to train on ({counts})")
@@ -133,6 +136,12 @@ def fit_run_ranker(
     order = rng.permutation(int(keep.sum()))
     n_valid = min(len(order) - 1, int(np.ceil(config.train.valid_fraction * len(order))))
     valid, train = order[:n_valid], order[n_valid:]
+    if not clicked[train].any():  # every click went to the validation split: the same dead ranker
+        raise ValueError(
+            f"{path}: no click on a known item in the requests left to train on: all "
+            f"{int(clicked.sum())} clicked requests fell in the validation split (train.valid_fraction="
+            f"{config.train.valid_fraction}); lower it or log more requests"
+        )
 
     def batch(index: np.ndarray) -> dict[str, Tensor]:
         out = {k: v[torch.from_numpy(index)] for k, v in sessions.items()}
@@ -173,8 +182,11 @@ def fit_run_ranker(
     summary = {
         **counts, "sessions": len(train), "valid_sessions": n_valid, "epochs": result.epochs_run,
         "final_loss": result.history[-1]["loss"], "seconds": round(result.seconds, 3),
-        **{k: v for k, v in result.history[-1].items() if k.startswith("valid_")},
     }  # fmt: skip
+    if result.best_epoch is not None:  # early stopping put the best epoch's weights back: its metrics
+        summary["best_epoch"] = result.best_epoch
+    served = next((h for h in result.history if h["epoch"] == result.best_epoch), result.history[-1])
+    summary.update({k: v for k, v in served.items() if k.startswith("valid_")})
     if config.bias_refit and model.bias is not None:
         with torch.no_grad():  # the frozen relevance logits of every training slot, in chunks
             r = torch.cat(

@@ -164,10 +164,17 @@ class RunRanker:
                 "summary": self.summary,
             })  # fmt: skip
             if target.exists():  # a directory cannot be renamed over a full one: move the old aside first
-                old = run_dir / f".ranker-old-{token}"
+                old = run_dir / f".{target.name}-old-{token}"
                 os.replace(target, old)
-                os.replace(stage, target)
-                shutil.rmtree(old, ignore_errors=True)
+                try:
+                    os.replace(stage, target)
+                except BaseException:
+                    os.replace(old, target)  # the old ranker goes back: a failed save changes nothing
+                    raise
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:  # a stray file where the ranker goes
+                    old.unlink(missing_ok=True)
             else:
                 os.replace(stage, target)
         except BaseException:
@@ -181,6 +188,13 @@ class RunRanker:
         run_dir = Path(run_dir)
         where = run_dir / stage_dir(stage)
         if not where.exists():
+            # A crash between save's two renames leaves the previous ranker aside: say so, not "none".
+            aside = sorted(run_dir.glob(f".{where.name}-old-*"))
+            if aside:
+                raise RankerFormatError(
+                    f"{where} is missing but an interrupted save left the previous one in {aside[0]}: "
+                    f"rename it to {where.name}, or retrain with `twotower train-ranker`"
+                )
             return None
         try:
             run = read_json(run_dir / "model.json")
