@@ -28,6 +28,7 @@ from twotower.reranker import (
     fit_run_ranker,
     pair_features,
     train_run_ranker,
+    training_dir,
 )
 from twotower.storage import read_json, write_json
 
@@ -310,3 +311,24 @@ def test_a_log_shown_only_below_max_position_says_so(planted, tmp_path):
     path = _hand_made(tmp_path / "deep.csv", [("a", 0, 1, 11, 1, "desktop"), ("a", 0, 2, 12, 0, "desktop")])
     with pytest.raises(ValueError, match=r"deep.csv: .*no row at a position <= max_position \(10\)"):
         fit_run_ranker(planted.run_dir, path, _config())
+
+
+def test_an_interrupted_ranker_training_resumes_where_it_stopped(planted, tmp_path, caplog):
+    path = planted.write_csv(tmp_path / "log.csv", planted.simulate(300, 5))
+    sim = planted.simulate(50, 6)
+    straight, _ = fit_run_ranker(planted.run_dir, path, _config(epochs=2))
+    ckpt = tmp_path / "ckpt"
+    fit_run_ranker(planted.run_dir, path, _config(epochs=1), checkpoints=ckpt)  # "interrupted" after 1
+    resumed, summary = fit_run_ranker(planted.run_dir, path, _config(epochs=2), checkpoints=ckpt, resume=True)
+    assert summary["epochs"] == 2
+    torch.testing.assert_close(planted.score(resumed, sim), planted.score(straight, sim))
+    # A checkpoint of another log is not resumed: a warning, and training starts from scratch.
+    other = planted.write_csv(tmp_path / "other.csv", planted.simulate(300, 7))
+    with caplog.at_level("WARNING", logger="twotower"):
+        _, fresh = fit_run_ranker(planted.run_dir, other, _config(epochs=1), checkpoints=ckpt, resume=True)
+    assert "trained on another log" in caplog.text and fresh["epochs"] == 1
+    # train_run_ranker keeps its checkpoints beside the ranker until the ranker is saved.
+    run = tmp_path / "run"
+    shutil.copytree(planted.run_dir, run)
+    train_run_ranker(run, path, _config(epochs=1), resume=True)
+    assert (run / "ranker").is_dir() and not training_dir(run).exists()

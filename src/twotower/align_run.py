@@ -133,8 +133,8 @@ def align_run(
         # Rankers: see the module docstring. Metrics and reports: they describe the old weights.
         stale = {"metrics.json", "demo_summary.json", "funnel.json", "report", "report.html"}
         skip = {*STAGES, "checkpoints", "export", *stale}
-        for entry in run_dir.iterdir():
-            if entry.name not in skip:
+        for entry in run_dir.iterdir():  # (hidden: staging folders, a ranker training's checkpoints)
+            if entry.name not in skip and not entry.name.startswith("."):
                 (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staging / entry.name)
         save_tensors(staging / "model.safetensors", model.state_dict())
         summary = {

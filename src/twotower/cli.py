@@ -215,6 +215,7 @@ def train_ranker(
     light: bool = typer.Option(
         False, "--light", help="train the light ranker (between retrieval and ranker)"
     ),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted training (its checkpoint)"),
 ) -> None:
     """Train the run's debiased ranker (relevance + bias towers) on a logged impression file."""
     from twotower.reranker import RunRanker, RunRankerConfig, train_run_ranker
@@ -222,7 +223,7 @@ def train_ranker(
     try:
         cfg = load_config(config, set_, model=RunRankerConfig)
         stage = "light_ranker" if light else "ranker"
-        summary = train_run_ranker(run_dir, impressions, cfg, progress=not quiet, stage=stage)
+        summary = train_run_ranker(run_dir, impressions, cfg, progress=not quiet, stage=stage, resume=resume)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return

@@ -23,6 +23,7 @@ tower of a :class:`~twotower.ranking.DebiasedRanker` when the run has one (``run
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,7 @@ from twotower.run_ranker import (
     sha256_file,
     stage_dir,
 )
+from twotower.storage import read_json, write_json
 from twotower.train import fit
 
 __all__ = [
@@ -74,10 +76,52 @@ def _positions(catalogue: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return pd.Index(catalogue.astype(str)).get_indexer(np.asarray(ids).astype(str))
 
 
+def training_dir(run_dir: str | Path, stage: str = RANKER_DIR) -> Path:
+    """Where a stage's ranker training keeps its checkpoints until the ranker is saved."""
+    return Path(run_dir) / f".{stage_dir(stage)}-training"
+
+
+def _fingerprint(log_path: Path, config: RunRankerConfig, retrieval_sha256: str) -> dict[str, Any]:
+    """What a checkpoint must have been trained on to be resumed: the same log, retrieval weights and
+    config, except the settings a resumed run may change (epochs, early stopping, threads, lr)."""
+    resolved = config.model_dump(mode="json")
+    for key in ("epochs", "early_stopping", "threads", "lr", "weight_decay"):
+        resolved["train"].pop(key, None)
+    return {"log_sha256": sha256_file(log_path), "retrieval_sha256": retrieval_sha256, "config": resolved}
+
+
+def _checkpoints(where: Path, fingerprint: dict[str, Any], resume: bool) -> bool:
+    """Prepare the checkpoint folder; True when training continues from what is in it."""
+    mark = where / "fingerprint.json"
+    if resume and mark.exists():
+        try:
+            same = read_json(mark) == fingerprint
+        except ValueError:  # a damaged mark: nothing in the folder can be trusted
+            same = False
+        if same:
+            return True
+        log.warning("%s was trained on another log, config or retrieval model: training from scratch", where)
+    elif resume:
+        log.warning("no ranker checkpoint in %s: training from scratch", where)
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    write_json(mark, fingerprint)
+    return False
+
+
 def fit_run_ranker(
-    run_dir: str | Path, impressions_path: str | Path, config: RunRankerConfig, progress: bool = False
+    run_dir: str | Path,
+    impressions_path: str | Path,
+    config: RunRankerConfig,
+    progress: bool = False,
+    checkpoints: Path | None = None,
+    resume: bool = False,
 ) -> tuple[RunRanker, dict[str, Any]]:
-    """Train a ranker for the run on the impression log without saving it: ``(ranker, summary)``."""
+    """Train a ranker for the run on the impression log without saving it: ``(ranker, summary)``.
+
+    ``checkpoints``: a folder for the epoch checkpoints (default: a temporary one, dropped); with
+    ``resume``, training continues from the last checkpoint there when it was made from the same log,
+    retrieval weights and config (else it starts from scratch, with a warning)."""
     run_dir, path = Path(run_dir), Path(impressions_path)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -173,10 +217,13 @@ def fit_run_ranker(
     model.relevance.mean.copy_(features.mean(0))
     model.relevance.scale.copy_(torch.where(std > 1e-6, 1.0 / std, 1.0))  # constant: nothing to scale
     del features
-    with tempfile.TemporaryDirectory(prefix="twotower-ranker-") as tmp:  # checkpoints are not kept
-        result = fit(
-            model, batches, config.train, Path(tmp), validate if n_valid else None, progress=progress
-        )
+    validation = validate if n_valid else None
+    if checkpoints is None:
+        with tempfile.TemporaryDirectory(prefix="twotower-ranker-") as tmp:  # checkpoints are not kept
+            result = fit(model, batches, config.train, Path(tmp), validation, progress=progress)
+    else:
+        resume = _checkpoints(checkpoints, _fingerprint(path, config, retrieval_sha256), resume)
+        result = fit(model, batches, config.train, checkpoints, validation, resume, progress)
     model.eval()
 
     summary = {
@@ -232,11 +279,15 @@ def train_run_ranker(
     config: RunRankerConfig,
     progress: bool = False,
     stage: str = RANKER_DIR,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train one of the run's rankers (``stage``: "ranker" or "light_ranker") on an impression log and
-    save it to ``run_dir/<stage>/``; returns the training summary."""
+    save it to ``run_dir/<stage>/``; returns the training summary. Epoch checkpoints live in
+    :func:`training_dir` until the ranker is saved; ``resume`` continues from the last one."""
     stage_dir(stage)  # an unknown stage fails before the training, not after
-    ranker, summary = fit_run_ranker(run_dir, impressions_path, config, progress)
+    checkpoints = training_dir(run_dir, stage)
+    ranker, summary = fit_run_ranker(run_dir, impressions_path, config, progress, checkpoints, resume)
     where = ranker.save(run_dir, stage)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the saved ranker supersedes them
     log.info("%s saved to %s: %s", stage, where, summary)
     return {**summary, "ranker_dir": str(where)}
