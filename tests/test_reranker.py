@@ -332,3 +332,17 @@ def test_an_interrupted_ranker_training_resumes_where_it_stopped(planted, tmp_pa
     shutil.copytree(planted.run_dir, run)
     train_run_ranker(run, path, _config(epochs=1), resume=True)
     assert (run / "ranker").is_dir() and not training_dir(run).exists()
+
+
+def test_a_context_value_only_validation_requests_have_is_left_out_of_validation(planted, tmp_path, caplog):
+    sim = planted.simulate(300, 8)
+    # The requests the split (seed 0, 10 %: 30 of 300) holds out; one of them alone is on a "tv".
+    held = np.random.default_rng([0, 41]).permutation(300)[:30]
+    sim["device"] = sim["device"].astype(object)
+    sim["device"][held[0]] = "tv"
+    path = planted.write_csv(tmp_path / "log.csv", sim)
+    with caplog.at_level("WARNING", logger="twotower"):
+        ranker, summary = fit_run_ranker(planted.run_dir, path, _config(epochs=1, seed=0, valid_fraction=0.1))
+    # "tv" was never trained: it is not in the bias tower's vocabulary, and its request is not validated.
+    assert ranker.context_vocabulary == ["desktop", "mobile"] and set(ranker.examination_curve) == set(ETA)
+    assert summary["valid_sessions"] == 29 and "1 validation requests have a device value" in caplog.text

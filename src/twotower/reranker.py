@@ -156,13 +156,34 @@ def fit_run_ranker(
         # nothing and an examination curve that means nothing.
         raise ValueError(f"{path}: no click on a known item in the requests left to train on ({counts})")
 
+    rng = np.random.default_rng([config.train.seed, 41])
+    order = rng.permutation(int(keep.sum()))
+    n_valid = min(len(order) - 1, int(np.ceil(config.train.valid_fraction * len(order))))
+    valid, train = order[:n_valid], order[n_valid:]
+    if not clicked[train].any():  # every click went to the validation split: the same dead ranker
+        raise ValueError(
+            f"{path}: no click on a known item in the requests left to train on: all "
+            f"{int(clicked.sum())} clicked requests fell in the validation split (train.valid_fraction="
+            f"{config.train.valid_fraction}); lower it or log more requests"
+        )
+
     if config.columns.context:
         column = config.columns.context[0]
         if len(config.columns.context) > 1:
             log.warning(
                 "the ranker's bias tower uses context %r only; %s ignored", column, config.columns.context[1:]
             )
-        codes, vocab = pd.factorize(lists.context[column][keep], sort=True)  # values trained on
+        values = lists.context[column][keep]
+        vocab = pd.factorize(values[train], sort=True)[1]  # the values trained on
+        codes = pd.Index(vocab).get_indexer(values)
+        # A value only validation requests have would meet an untrained bias embedding: leave them out.
+        unseen = valid[codes[valid] < 0]
+        if len(unseen):
+            log.warning("%d validation requests have a %s value no training request has; not used",
+                        len(unseen), column)  # fmt: skip
+            valid = valid[codes[valid] >= 0]
+            n_valid = len(valid)
+        codes = np.maximum(codes, 0)
         vocabulary = [str(v) for v in vocab]
     else:
         column, codes, vocabulary = None, np.zeros(int(keep.sum()), dtype=np.int64), ["all"]
@@ -176,16 +197,6 @@ def fit_run_ranker(
         CONTEXT: torch.from_numpy(codes.astype(np.int64)),
         "clicks": torch.from_numpy(lists.clicks[keep]),
     }
-    rng = np.random.default_rng([config.train.seed, 41])
-    order = rng.permutation(int(keep.sum()))
-    n_valid = min(len(order) - 1, int(np.ceil(config.train.valid_fraction * len(order))))
-    valid, train = order[:n_valid], order[n_valid:]
-    if not clicked[train].any():  # every click went to the validation split: the same dead ranker
-        raise ValueError(
-            f"{path}: no click on a known item in the requests left to train on: all "
-            f"{int(clicked.sum())} clicked requests fell in the validation split (train.valid_fraction="
-            f"{config.train.valid_fraction}); lower it or log more requests"
-        )
 
     def batch(index: np.ndarray) -> dict[str, Tensor]:
         out = {k: v[torch.from_numpy(index)] for k, v in sessions.items()}
