@@ -370,3 +370,6 @@ def test_popularity_sampler_large_alpha_stays_finite():
     sampler = PopularitySampler(torch.tensor([1e4, 1.0]), alpha=100.0)  # 1e4**100 overflows float64
     torch.testing.assert_close(sampler.probs, torch.tensor([1.0, 0.0], dtype=torch.float64))
     assert sampler.sample({}, 5, gen(0)).ids.tolist() == [0] * 5
+    # log Q of the item drawn with probability 0.0 in float64 is still finite: 100 * (log 1 - log 1e4).
+    log_q = sampler.log_probability(torch.tensor([0, 1]))
+    assert log_q[0].item() == 0.0 and log_q[1].item() == pytest.approx(-100 * math.log(1e4))

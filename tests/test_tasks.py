@@ -12,7 +12,7 @@ from twotower.demo import popularity_metrics
 from twotower.experiment import train_run
 from twotower.frequency import CountFrequency, StreamingFrequencyEstimator
 from twotower.losses import listwise_softmax
-from twotower.negatives import ImpressionSampler, UniformSampler
+from twotower.negatives import ImpressionSampler, PopularitySampler, UniformSampler
 from twotower.recommender import Retriever
 from twotower.tasks import RetrievalTask
 
@@ -345,3 +345,20 @@ def test_chosen_negatives_weigh_like_a_candidate_expected_once_per_batch(estimat
         zeros, zeros, torch.tensor([0, 1]), batch=batch, embed_items=lambda ids: torch.zeros(len(ids), 2)
     )
     assert loss.item() == pytest.approx(1.5 * math.log(2), rel=1e-6)
+
+
+def test_a_positive_the_sampler_almost_never_draws_keeps_a_finite_loss():
+    # popularity^100 over counts (1e4, 1): item 1's probability underflows to 0.0, so log(n q) was -inf
+    # for a positive on item 1 and the logQ-corrected softmax gave NaN.
+    counts = torch.tensor([1e4, 1.0])
+    task = RetrievalTask(
+        temperature=1.0,
+        sampling_probability=CountFrequency(counts),
+        sampler=PopularitySampler(counts, alpha=100.0),
+        num_sampled=3,
+        in_batch=False,
+        shared=False,
+    )
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    loss = task(query, query, torch.tensor([0, 1]), embed_items=lambda ids: torch.eye(2)[ids])
+    assert torch.isfinite(loss)

@@ -8,10 +8,12 @@ checkpoints carry it and ``.to(device)`` moves it) and answers
 ``batch`` is the training batch dict (``"user_idx"``, ``"item_idx"``, ...). ``ids`` are candidate item
 indices, ``[n]`` when shared by the whole batch or ``[B, n]`` when drawn per row; ``log_q`` has the
 same shape and holds log Q(y), the log of the probability with which the sampler draws candidate y (one
-draw), for the logQ correction of Yi et al. (RecSys 2019): the loss subtracts log Q(y) from the logit
-of y. ``mask`` is ``None`` when every candidate is valid (the corpus-wide samplers) and a BoolTensor
-of ``ids``' shape otherwise (the per-user samplers): False marks a slot that holds no candidate (its
-id is the padding id 0, a valid index so embedding lookups never fail, and its log_q is 0).
+draw), for the logQ correction of Yi et al. (RecSys 2019): the loss subtracts log(n Q(y)) from the
+logit of y, n the number of draws (``twotower.tasks`` puts every kind of candidate on that
+expected-count scale). ``mask`` is ``None`` when every candidate is valid (the corpus-wide samplers)
+and a BoolTensor of ``ids``' shape otherwise (the per-user samplers): False marks a slot that holds no
+candidate (its id is the padding id 0, a valid index so embedding lookups never fail, and its log_q
+is 0).
 
 ``UniformSampler``     Q(y) = 1 / I, shared across the batch.
 ``PopularitySampler``  Q(y) = max(count_y, 1)^alpha / sum_j max(count_j, 1)^alpha, shared.
@@ -162,7 +164,11 @@ class PopularitySampler(nn.Module):
             raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
         self.alpha = alpha
         # c^alpha / sum c^alpha as a softmax of alpha * log c: c^alpha itself overflows for a large alpha.
-        self.register_buffer("probs", torch.softmax(alpha * torch.log(counts.clamp_min(1.0)), 0))
+        logits = alpha * torch.log(counts.clamp_min(1.0))
+        self.register_buffer("probs", torch.softmax(logits, 0))
+        # log Q from log_softmax, not log(probs): a probability that underflows to 0 (a huge alpha) still
+        # has a finite log, so a logQ-corrected positive never gets an infinite logit (a NaN loss).
+        self.register_buffer("log_probs", torch.log_softmax(logits, 0), persistent=False)
         self.register_buffer("cdf", torch.cumsum(self.probs, 0), persistent=False)
 
     @property
@@ -180,7 +186,7 @@ class PopularitySampler(nn.Module):
         return Negatives(ids, self.log_probability(ids))
 
     def log_probability(self, ids: Tensor) -> Tensor:
-        return torch.log(self.probs[ids.long()])
+        return self.log_probs[ids.long()]
 
 
 class MixedSampler(nn.Module):

@@ -71,7 +71,9 @@ class NegativesConfig(_Strict):
 class TaskConfig(_Strict):
     objective: Objective = "softmax"
     logq: Literal["none", "counts", "streaming"] = Field(
-        "none", description="sampling-bias correction of in-batch candidates: exact counts or streaming"
+        "none",
+        description="sampling-bias (logQ) correction of the softmax's candidates, in-batch ones by item "
+        "frequency (exact counts or the streaming estimate), sampled ones by their sampler; none: off",
     )
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     remove_accidental_hits: bool = True
