@@ -170,6 +170,32 @@ def test_resuming_with_another_model_is_a_config_error_that_keeps_the_runs_confi
     assert more["epochs_run"] == 2
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resuming_on_another_training_split_is_a_config_error_that_keeps_the_runs_config(tmp_path):
+    from twotower.config import ConfigError, RunConfig
+
+    def split(protocol, **train):  # ids seen 20 times: the vocabularies depend on the training rows
+        raw = tiny_config(**train).model_dump(mode="json")
+        raw["eval"]["protocol"] = protocol
+        for side in ("user", "item"):
+            raw["features"][side][0]["min_count"] = 20
+        return RunConfig.model_validate(raw)
+
+    run_dir = tmp_path / "run"
+    train_run(split("msrec", epochs=1, valid_fraction=0.2), run_dir, progress=False)
+    saved = (run_dir / "config.yaml").read_text()
+    for other, name in (
+        (split("temporal", epochs=2, valid_fraction=0.2), "eval.protocol"),
+        (split("msrec", epochs=2, valid_fraction=0.5), "train.valid_fraction"),
+        (split("msrec", epochs=2, valid_fraction=0.2, seed=4), "train.seed"),
+    ):  # each was torch's size-mismatch traceback, after config.yaml had been replaced
+        with pytest.raises(ConfigError, match=f"cannot resume .*{name} differs"):
+            train_run(other, run_dir, resume=True, progress=False)
+        assert (run_dir / "config.yaml").read_text() == saved
+    more = train_run(split("msrec", epochs=2, valid_fraction=0.2), run_dir, resume=True, progress=False)
+    assert more["epochs_run"] == 2
+
+
 def test_a_data_error_leaves_no_run_directory(tmp_path):
     from twotower.config import RunConfig
 

@@ -160,3 +160,11 @@ def test_one_column_under_two_batch_keys(one_file: Path):
     stream = ParquetStream(one_file, StreamConfig(batch_size=100, columns={"row": "row", "copy": "row"}))
     batch = next(iter(stream.epoch(0)))
     assert torch.equal(batch["row"], batch["copy"])
+
+
+def test_a_negative_seed_is_refused_by_the_config_naming_it():
+    from pydantic import ValidationError
+
+    # numpy's generators take no negative seed: it was "expected non-negative integer" at the first batch
+    with pytest.raises(ValidationError, match="seed"):
+        StreamConfig(seed=-1)

@@ -195,7 +195,8 @@ def _train_run(
 
 # Sections whose change makes the last checkpoint another model (shapes, vocabularies, split, task
 # state): resuming with them changed is an error, not a torch state-dict traceback after config.yaml
-# was already overwritten. train.* (epochs, lr, ...) may change on resume, except the optimizer.
+# was already overwritten. train.* (epochs, lr, ...) may change on resume, except the optimizer and what
+# draws the training split (eval.protocol, train.valid_fraction and, with a holdout, train.seed).
 _RESUME_FIXED = ("data", "features", "model", "task")
 
 
@@ -211,6 +212,14 @@ def _check_resumable(config: RunConfig, run_dir: Path) -> None:
     changed = [key for key in _RESUME_FIXED if saved[key] != new[key]]
     if saved["train"]["optimizer"] != new["train"]["optimizer"]:
         changed.append("train.optimizer")
+    # The training split (and the id vocabularies fitted on it) follows the protocol's split and the
+    # valid_fraction holdout, which is drawn with train.seed.
+    if saved["eval"]["protocol"] != new["eval"]["protocol"]:
+        changed.append("eval.protocol")
+    if saved["train"]["valid_fraction"] != new["train"]["valid_fraction"]:
+        changed.append("train.valid_fraction")
+    elif new["train"]["valid_fraction"] > 0 and saved["train"]["seed"] != new["train"]["seed"]:
+        changed.append("train.seed")
     if changed:
         raise ConfigError(
             f"cannot resume {run_dir}: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} "

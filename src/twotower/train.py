@@ -182,13 +182,14 @@ def fit(
         state = distributed.broadcast_json(state)
         save_checkpoint(ckpt_dir / "last", model, optimizer, state)
 
-    if stopping is not None and state["best_epoch"] is not None:
+    restored = stopping is not None and state["best_epoch"] is not None
+    if restored:
         model.load_state_dict(load_tensors(ckpt_dir / "best.safetensors"))
     elapsed = time.perf_counter() - start
-    return FitResult(
+    return FitResult(  # a best epoch only when its weights are the ones returned (not: resumed without)
         epochs_run=state["epoch"],
-        best_epoch=state["best_epoch"],
-        best_metric=state["best_metric"],
+        best_epoch=state["best_epoch"] if restored else None,
+        best_metric=state["best_metric"] if restored else None,
         history=state["history"],
         seconds=elapsed,
         examples_per_s=examples_seen / max(elapsed, 1e-9),

@@ -67,7 +67,7 @@ class StreamConfig(BaseModel):
     columns: dict[str, str] | None = Field(
         None, description="batch key -> Parquet column for the default encoder; None: every column"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seeds numpy's generators, which take no negative seed")
 
 
 @dataclass(frozen=True)
