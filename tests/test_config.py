@@ -27,6 +27,9 @@ def test_misspelt_nested_feature_and_world_keys_are_errors():
         parse_config({"data": {"source": "synthetic", "world": {"num_userz": 5}}})
     with pytest.raises(ConfigError, match="data"):
         parse_config({"data": {"source": "kaggle"}})
+    # numpy's generators (the validation holdout) take no negative seed: refused here, naming the key.
+    with pytest.raises(ConfigError, match="train.seed"):
+        parse_config({"train": {"seed": -1}})
 
 
 def test_overrides_parse_yaml_values_and_reject_bad_forms(tmp_path):

@@ -97,7 +97,7 @@ class TrainConfig(_Strict):
     optimizer: Literal["adamw", "adagrad"] = "adamw"
     lr: float = Field(1e-2, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seeds torch and numpy (numpy takes no negative seed)")
     early_stopping: EarlyStoppingConfig | None = None
     valid_fraction: float = Field(
         0.0,
