@@ -328,3 +328,12 @@ def test_text_table_keys_and_numeric_log_ids_are_compared_as_text(tmp_path):
     assert data.item_ids.tolist() == ["007", "10", "11"]
     codes = data.item_table["genre"].tolist()
     assert codes[1] != codes[2] and 0 not in codes[1:]  # 10 and 11 got their own genres, not "missing"
+
+
+def test_a_side_without_an_id_feature_builds(tmp_path):
+    # A user tower of features only (no id feature) used to fail: "id_values was given but no
+    # IdFeature is declared".
+    config = _config(tmp_path).model_copy(deep=True)
+    config.features.user = [s for s in config.features.user if s.type != "id"]
+    data = build_retrieval_data(config)
+    assert list(data.user_table) == ["age"] and len(data.user_table["age"]) == data.num_users

@@ -26,7 +26,7 @@ from twotower.data.loader import load_interactions, load_table
 from twotower.data.movielens import load_movielens
 from twotower.data.synthetic import SyntheticWorld
 from twotower.evaluate import split_for
-from twotower.features import FeatureEncoder
+from twotower.features import FeatureEncoder, HashedIdFeature, IdFeature
 from twotower.history import history_positions
 
 USER, ITEM = "user_id", "item_id"
@@ -132,11 +132,14 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
     tables = _table_names(config)
     _check_feature_columns(config.features.user, user_frame, tables[USER])
     _check_feature_columns(config.features.item, item_frame, tables[ITEM])
+    # (A side may declare no id feature: a user tower of features and history only.)
     with _naming(tables[USER]):
-        user_encoder.fit(user_frame[user_frame[USER].isin(train_users)], id_values=train_df[USER])
+        user_ids_seen = _ids_for(user_encoder, train_df[USER])
+        user_encoder.fit(user_frame[user_frame[USER].isin(train_users)], id_values=user_ids_seen)
         user_table = user_encoder.transform(user_frame)
     with _naming(tables[ITEM]):
-        item_encoder.fit(item_frame[item_frame[ITEM].isin(train_items)], id_values=train_df[ITEM])
+        item_ids_seen = _ids_for(item_encoder, train_df[ITEM])
+        item_encoder.fit(item_frame[item_frame[ITEM].isin(train_items)], id_values=item_ids_seen)
         item_table = item_encoder.transform(item_frame)
 
     user_pos = pd.Index(user_ids)
@@ -257,6 +260,11 @@ def _check_feature_columns(specs: list, frame: pd.DataFrame, path: str | None) -
 def _holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     mask = np.random.default_rng(seed).random(len(df)) < fraction
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
+
+
+def _ids_for(encoder: FeatureEncoder, ids: pd.Series) -> pd.Series | None:
+    """The training rows' ids for the encoder's id vocabulary; None when it declares no id feature."""
+    return ids if any(isinstance(s, IdFeature | HashedIdFeature) for s in encoder.specs) else None
 
 
 def _ids_compared_as_text(
