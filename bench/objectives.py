@@ -54,6 +54,12 @@ SCHEMES: dict[str, list[str]] = {
         "model.history.pooling=mean",
         "model.history.max_len=50",
     ],
+    "softmax in-batch logQ + history mean, event dropout .5": [
+        *_HISTORY,
+        "model.history.pooling=mean",
+        "model.history.max_len=50",
+        "model.history.event_dropout=0.5",
+    ],
     "softmax in-batch logQ + history self-attention": [
         *_HISTORY,
         "model.history.pooling=attention",

@@ -241,3 +241,23 @@ def test_a_left_out_target_gives_the_history_a_served_request_would_see(pooling)
     positions, valid, recency, ids = enc._without(torch.tensor([1, 1, 0]), None, torch.tensor([6, -1, 3]))
     assert ids[valid].tolist() == [5, 4, 4, 6] and recency.tolist() == [[1, 0], [1, 0], [0, 0]]
     assert valid.tolist() == [[True, True], [True, True], [False, False]]
+
+
+def test_event_dropout_hides_events_in_training_only():
+    cfg = HistoryConfig(enabled=True, max_len=3, item_feature=None, dropout=0.0, event_dropout=0.5)
+    indptr, items, _ = history_csr(USERS, ITEMS, 4)
+    enc = HistoryEncoder(cfg, indptr, items, None, num_items=7, dim=2, own_table=True)
+    with torch.no_grad():
+        enc.item_embedding.weight.copy_(torch.arange(14.0).view(7, 2))  # e_i = [2i, 2i + 1]
+    users = torch.ones(2000, dtype=torch.long)  # user 1: events 5, 4, 6, mean [10, 11]
+    enc.eval()
+    assert torch.allclose(enc(users), torch.tensor([[10.0, 11.0]]).expand(2000, -1))
+    enc.train()
+    torch.manual_seed(0)
+    out = enc(users)
+    # Each of the 3 events is kept with probability 1/2: the 8 subsets are about equally frequent, and
+    # the empty one gives the zero vector (1/8 of the rows).
+    empty = (out == 0).all(1).float().mean().item()
+    assert empty == pytest.approx(1 / 8, abs=0.03)
+    only_4 = torch.isclose(out, torch.tensor([8.0, 9.0])).all(1).float().mean().item()
+    assert only_4 == pytest.approx(1 / 8, abs=0.03)  # the subset {4}: e_4 = [8, 9] (no other subset's mean)

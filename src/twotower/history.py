@@ -52,6 +52,13 @@ class HistoryConfig(BaseModel):
     num_layers: int = Field(2, ge=1, description="attention: stacked encoder layers")
     num_heads: int = Field(2, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
+    event_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="training only: share of history events hidden at random (the input "
+        "dropout of Mult-VAE), against a model that memorises each training row's history",
+    )
 
 
 def history_csr(
@@ -172,6 +179,8 @@ class HistoryEncoder(nn.Module):
             ids = self.items[positions] if len(self.items) else torch.zeros_like(positions)
         else:
             positions, valid, recency, ids = self._without(user_idx, end, exclude)
+        if self.training and self.config.event_dropout:
+            valid = valid & (torch.rand(valid.shape, device=valid.device) >= self.config.event_dropout)
         actions = self.actions[positions] if self.action_embedding is not None else None
         return self.encode(ids, valid, recency, actions, embed_items)
 
