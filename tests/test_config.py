@@ -30,6 +30,18 @@ def test_misspelt_nested_feature_and_world_keys_are_errors():
     # numpy's generators (the validation holdout) take no negative seed: refused here, naming the key.
     with pytest.raises(ConfigError, match="train.seed"):
         parse_config({"train": {"seed": -1}})
+    # Sparse tables take Adagrad without weight decay; anything else failed at the first step.
+    with pytest.raises(ConfigError, match=r"model.item_tower.sparse needs train.optimizer adagrad.*adamw"):
+        parse_config({"model": {"item_tower": {"sparse": True}}})
+    with pytest.raises(ConfigError, match="weight_decay 0"):
+        parse_config(
+            {
+                "model": {"user_tower": {"sparse": True}},
+                "train": {"optimizer": "adagrad", "weight_decay": 0.1},
+            }
+        )
+    sparse = {"model": {"item_tower": {"sparse": True}}, "train": {"optimizer": "adagrad"}}
+    assert parse_config(sparse).model.item_tower.sparse
 
 
 def test_overrides_parse_yaml_values_and_reject_bad_forms(tmp_path):

@@ -138,6 +138,21 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="after")
+    def _sparse_tables_need_adagrad(self) -> RunConfig:
+        # Checked here, not at the first step (torch's own error, after config.yaml was written).
+        sparse = [
+            f"model.{side}.sparse"
+            for side in ("user_tower", "item_tower")
+            if getattr(self.model, side).sparse
+        ]
+        if sparse and (self.train.optimizer != "adagrad" or self.train.weight_decay > 0):
+            raise ValueError(
+                f"{sparse[0]} needs train.optimizer adagrad and train.weight_decay 0 (got "
+                f"{self.train.optimizer}, {self.train.weight_decay}): no other update takes sparse gradients"
+            )
+        return self
+
 
 class ConfigError(ValueError):
     """A config file that does not validate; the message names the file and every bad key."""
