@@ -365,13 +365,7 @@ class FeatureEncoder:
             missing = missing | series.astype(str).str.strip().eq("").to_numpy()
         bad = (np.isnan(values) & ~missing) | np.isinf(values)
         if bad.any():
-            pos = int(np.flatnonzero(bad)[0])
-            label, value = _py(series.index[pos]), _py(series.iloc[pos])
-            # A named index is the entity key (a user or item table): its id says where, a row of the
-            # catalogue-ordered frame would not.
-            where = (
-                f"{series.index.name} {label!r}" if series.index.name else f"row {pos + 1} (index {label!r})"
-            )
+            where, value = _first_bad(series, bad)
             raise ValueError(
                 f"feature {spec.name!r}, column {spec.column!r}, {where}: not a finite number: {value!r}"
             )
@@ -383,10 +377,17 @@ def _check_float32(encoded: np.ndarray, spec: FeatureSpec, series: pd.Series) ->
     would turn the tower's output into NaN."""
     bad = ~np.isfinite(encoded)
     if bad.any():
-        pos = int(np.flatnonzero(bad)[0])
-        label, value = _py(series.index[pos]), _py(series.iloc[pos])
-        where = f"{series.index.name} {label!r}" if series.index.name else f"row {pos + 1} (index {label!r})"
+        where, value = _first_bad(series, bad)
         raise ValueError(
             f"feature {spec.name!r}, column {spec.column!r}, {where}: {value!r} is out of range "
             f"(its standardised value overflows float32)"
         )
+
+
+def _first_bad(series: pd.Series, bad: np.ndarray) -> tuple[str, Any]:
+    """(where, raw value) of the first ``bad`` cell. A named index is the entity key (a user or item
+    table): its id says where, a row of the catalogue-ordered frame would not."""
+    pos = int(np.flatnonzero(bad)[0])
+    label, value = _py(series.index[pos]), _py(series.iloc[pos])
+    where = f"{series.index.name} {label!r}" if series.index.name else f"row {pos + 1} (index {label!r})"
+    return where, value

@@ -40,6 +40,7 @@ __all__ = [
     "HardNegativeMiner",
     "ImpressionSampler",
     "MixedSampler",
+    "batch_log_count",
     "Negatives",
     "PAD_ID",
     "PopularitySampler",
@@ -189,6 +190,14 @@ class PopularitySampler(nn.Module):
         return self.log_probs[ids.long()]
 
 
+def batch_log_count(frequency: LogProbability, ids: Tensor, batch_size: int, per_step: bool) -> Tensor:
+    """log(B * p_batch(ids)): how often each id is expected among a batch's B positives. A per-step
+    estimator (``StreamingFrequencyEstimator``) counts occurrences per batch already; exact counts give
+    the probability p_batch."""
+    log_q = frequency.log_probability(ids).double()
+    return log_q if per_step else log_q + math.log(batch_size)
+
+
 class MixedSampler(nn.Module):
     """Mixed negative sampling (Yang et al. 2020): in-batch positives plus B' corpus-sampled candidates.
 
@@ -236,9 +245,7 @@ class MixedSampler(nn.Module):
         if not self.in_batch or batch_size == 0:
             return self.extra.log_probability(ids).double() + math.log(n_extra)
         assert self.frequency is not None
-        log_batch = self.frequency.log_probability(ids).double()  # log(B * p_batch) after the shift:
-        if not self.per_step:
-            log_batch = log_batch + math.log(batch_size)
+        log_batch = batch_log_count(self.frequency, ids, batch_size, self.per_step)
         if n_extra == 0:
             return log_batch
         log_extra = self.extra.log_probability(ids).double().to(log_batch.device) + math.log(n_extra)

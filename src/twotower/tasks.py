@@ -54,6 +54,7 @@ from twotower.negatives import (
     MixedSampler,
     PopularitySampler,
     UniformSampler,
+    batch_log_count,
 )
 from twotower.task_config import Objective
 from twotower.unique_softmax import unique_inbatch_softmax
@@ -367,9 +368,8 @@ class RetrievalTask(nn.Module):
         return ids, emb, torch.cat([q.to(device) for q in log_q_parts])
 
     def _batch_log_count(self, ids: Tensor, batch_size: int) -> Tensor:
-        """log(B * p(ids)): how often each id is expected among a batch's B positives."""
-        log_q = self.sampling_probability.log_probability(ids).double()
-        return log_q if self.per_step else log_q + math.log(batch_size)
+        assert self.sampling_probability is not None
+        return batch_log_count(self.sampling_probability, ids, batch_size, self.per_step)
 
     # --- objectives ------------------------------------------------------------------------------
     def _loss(
