@@ -20,7 +20,9 @@ a. main: every method in twotower.ultr.METHODS x {position-based (pbm), cascade}
    click log-likelihood and AUC on a held-out click log of those queries, logged by the same ranker.
    (Rows without a `held_out_log` field are older: their held-out clicks were logged by a ranker fitted
    on 1 % of the held-out queries' own labels; only their click_loglik / click_auc depend on it.)
-b. sweep: synthetic world, pbm, logging score w * y + (1 - w) * U(0, 4) for w in {0, .25, .5, .75, 1}.
+b. sweep: synthetic world, pbm, logging score w * y + (1 - w) * U(0, 4) for w in {0, .25, .5, .75, 1};
+   the oracle as the reference. Rows `pbm/mixture-w0-to-w1`: each method's nDCG@10 drop from w = 0 to
+   w = 1 (per seed), and that drop beyond the oracle's (the top-10 logs' own loss of information).
 c. curves: the examination curve learned by each two-tower method under pbm (synthetic world, mean over
    seeds) against the simulator's, per device, relative to rank 1 (from part a's runs).
 d. rates: PAL and additive with bias-logit dropout at the rates in RATES, part a's protocol with pbm
@@ -66,6 +68,9 @@ SWEEP_METHODS = (
     "two-tower-additive+bias-dropout",
     "ipw-true",
     "naive",
+    # not one of the issue's five: the same shown documents with their true labels, so its drop from
+    # w = 0 to w = 1 is what the logs lose by showing only the top 10 (no click model can recover it)
+    "oracle",
 )
 QUICK_METHODS = ("naive", "two-tower-pal", "two-tower-additive+bias-dropout", "oracle")
 # Part "rates": bias-logit dropout rates between none (the plain rows) and the default .5 (the
@@ -174,12 +179,47 @@ def save(args, command: str, rows: list[dict]) -> tuple[str, dict]:
 
 def sweep_from_rows(rows: list[dict], tag: str) -> dict[str, dict[float, list[float]]]:
     """nDCG@10 per seed, by method and w, of the sweep rows measured under the protocol ``tag``."""
-    sweep: dict[str, dict[float, list[float]]] = {}
+    return {m: {w: values for w, (values, _) in by_w.items()} for m, by_w in _sweep_cells(rows, tag).items()}
+
+
+def _sweep_cells(rows: list[dict], tag: str) -> dict[str, dict[float, tuple[list[float], list[int]]]]:
+    cells: dict[str, dict[float, tuple[list[float], list[int]]]] = {}
     for w in SWEEP_W:
         for r in rows:
             if r["protocol"] == f"pbm/mixture-w{w:g}{tag}" and r["metric"] == "ndcg@10":
-                sweep.setdefault(r["method"], {})[w] = r["values"]
-    return sweep
+                cells.setdefault(r["method"], {})[w] = (r["values"], r["seeds"])
+    return cells
+
+
+def sweep_drop_rows(rows: list[dict], tag: str) -> list[dict]:
+    """The issue's sweep target as rows (protocol ``pbm/mixture-w0-to-w1``), per seed and then mean ± std:
+
+    * ``ndcg@10_drop``: nDCG@10 at w = 0 minus at w = 1, the loss the target compares between methods;
+    * ``ndcg@10_drop_beyond_oracle``: that drop minus the oracle's on the same seed. The oracle learns
+      the true labels of the same shown documents, so its drop is the information the top-10 logs lose
+      at w = 1 (documents never shown); what is left is what clicks and the method add to it.
+
+    Seeds pair the two cells (same world split, same seed), so only seeds measured at both w count."""
+    cells = _sweep_cells(rows, tag)
+    drops: dict[str, dict[int, float]] = {}
+    for method, by_w in cells.items():
+        if 0.0 in by_w and 1.0 in by_w:
+            at_1 = dict(zip(by_w[1.0][1], by_w[1.0][0], strict=True))
+            drops[method] = {s: v - at_1[s] for v, s in zip(*by_w[0.0], strict=True) if s in at_1}
+    out: list[dict] = []
+    base = {"dataset": "synthetic", "protocol": f"pbm/mixture-w0-to-w1{tag}", **HELD_OUT}
+    for method, by_seed in drops.items():
+        values = {"ndcg@10_drop": by_seed}
+        if method != "oracle" and "oracle" in drops:
+            oracle = drops["oracle"]
+            beyond = {s: d - oracle[s] for s, d in by_seed.items() if s in oracle}
+            values["ndcg@10_drop_beyond_oracle"] = beyond
+        for metric, per_seed in values.items():
+            if per_seed:
+                seeds = sorted(per_seed)
+                row_values = {metric: [per_seed[s] for s in seeds]}
+                out += measured_rows({**base, "method": method}, row_values, seeds)
+    return out
 
 
 def _mean_std_line(ax, by_x: dict[float, list[float]], label: str) -> None:
@@ -201,6 +241,11 @@ def _finish(ax, xlabel: str, title: str) -> None:
 def plot_sweep(sweep: dict[str, dict[float, list[float]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, by_w in sweep.items():
+        if method == "oracle":  # the reference, drawn apart from the methods
+            xs = sorted(by_w)
+            ax.plot(xs, [statistics.fmean(by_w[x]) for x in xs], "k--", alpha=0.6,
+                    label="oracle (true labels of the shown documents)")  # fmt: skip
+            continue
         _mean_std_line(ax, by_w, method)
     _finish(ax, "logging policy strength w  (score = w·y + (1−w)·U(0, 4))",
             "Confounding sweep: synthetic world, position-based clicks")  # fmt: skip
@@ -329,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows += measured_rows(base, vals, seeds)
             text, saved = save(args, command, rows)
         # from the saved rows, so a run with a few methods redraws the plot with the others kept
+        text, saved = save(args, command, sweep_drop_rows(saved["rows"], length_tag(args)))
         sweep = sweep_from_rows(saved["rows"], length_tag(args))
         plot_sweep(sweep, out / f"{stem}{plot_tag(args)}_sweep.png")
     if "rates" in args.parts:
