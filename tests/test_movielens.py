@@ -270,3 +270,39 @@ def test_the_cached_archive_gets_the_mode_a_plain_open_would_give(tmp_path: Path
     umask = os.umask(0o022)
     os.umask(umask)
     assert (cache / "ml-100k.zip").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_local_files_are_the_files_the_loader_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run fingerprints local_files to refuse a resume on edited data: a file the loader reads but
+    # RELEASE_FILES misses would be edited unnoticed.
+    opened: list[str] = []
+    real_open = movielens._Files.open
+
+    def spy(self: movielens._Files, fname: str):  # returns open's context manager
+        opened.append(fname)
+        return real_open(self, fname)
+
+    monkeypatch.setattr(movielens._Files, "open", spy)
+    releases = {
+        "ml-100k": {k.split("/", 1)[1]: v for k, v in fake_100k().items()},
+        "ml-1m": {
+            "ratings.dat": "1::10::3::978302109\n",
+            "movies.dat": "10::Film (2001)::Comedy\n",
+            "users.dat": "1::F::1::10::48067\n",
+        },
+        "ml-20m": {
+            "ratings.csv": "userId,movieId,rating,timestamp\n1,10,4.0,1\n",
+            "movies.csv": "movieId,title,genres\n10,X,Drama\n",
+        },
+    }
+    for name, members in releases.items():
+        folder = tmp_path / name / name  # the release folder inside the folder `path` names
+        folder.mkdir(parents=True)
+        for fname, content in {**members, "README.txt": "not read"}.items():
+            (folder / fname).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        opened.clear()
+        load_movielens(name, path=tmp_path / name)
+        assert sorted(p.name for p in movielens.local_files(name, tmp_path / name)) == sorted(opened), name
+        assert all(p.parent == folder for p in movielens.local_files(name, tmp_path / name))
+    archive = make_zip(tmp_path / "ml-100k.zip", fake_100k())
+    assert movielens.local_files("ml-100k", archive) == [archive]  # its members are read from it

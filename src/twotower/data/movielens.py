@@ -115,6 +115,27 @@ class _Files:
             self._zip.close()
 
 
+# The files each release's loader below reads (ml-100k's u.genre only when present). Kept beside the
+# loaders: a run fingerprints them (`local_files`) to refuse a resume on data edited in place.
+RELEASE_FILES: dict[str, tuple[str, ...]] = {
+    "ml-100k": ("u.data", "u.genre", "u.item", "u.user"),
+    "ml-1m": ("ratings.dat", "movies.dat", "users.dat"),
+    "ml-20m": ("ratings.csv", "movies.csv"),
+    "ml-25m": ("ratings.csv", "movies.csv"),
+}
+
+
+def local_files(name: str, path: str | Path) -> list[Path]:
+    """The files ``load_movielens(name, path=path)`` reads: the zip itself, or the release's files in
+    the folder (found as `_Files` finds them). Only those: a README or an unused file of the folder
+    (ml-25m's 415 MB genome-scores.csv) is neither read nor worth hashing."""
+    source = Path(path)
+    if not source.is_dir():
+        return [source]
+    root = source / name if (source / name).is_dir() else source
+    return [root / fname for fname in RELEASE_FILES[name] if (root / fname).is_file()]
+
+
 # --- parsing --------------------------------------------------------------------------------------
 
 
