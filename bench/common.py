@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import platform
 import statistics
@@ -30,10 +31,18 @@ def machine() -> dict:
 def measured_rows(base: dict, values: dict[str, list[float]], seeds: list[int]) -> list[dict]:
     """One row per metric: mean, std (0 for a single seed) and the per-seed values."""
     return [
-        {**base, "metric": metric, "mean": statistics.fmean(vals),
-         "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": vals, "seeds": seeds}
+        {**base, "metric": metric, "mean": statistics.fmean(vals), "std": _std(vals), "values": vals,
+         "seeds": seeds}
         for metric, vals in values.items()
     ]  # fmt: skip
+
+
+def _std(values: list[float]) -> float:
+    """Sample std; 0 for a single seed, NaN when a value is not finite (statistics.stdev then raises an
+    AttributeError on Python 3.11, which lost the whole bench run over one undefined metric)."""
+    if len(values) < 2:
+        return 0.0
+    return statistics.stdev(values) if all(map(math.isfinite, values)) else math.nan
 
 
 def result(name: str, command: str, rows: list[dict]) -> dict:
@@ -56,16 +65,21 @@ def markdown(res: dict) -> str:
             cells = []
             for metric in metrics:
                 row = next((r for r in rows if r["method"] == method and r["metric"] == metric), None)
-                if row is None:
-                    cells.append("")
-                elif row.get("anchor") or not row.get("std"):
-                    cells.append(f"{row['mean']:.4g}")
-                else:
-                    cells.append(f"{row['mean']:.4g} ± {row['std']:.2g}")
+                cells.append("" if row is None else _cell(row))
             tag = " (published)" if any(r.get("anchor") for r in rows if r["method"] == method) else ""
             lines.append(f"| {method}{tag} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _cell(row: dict) -> str:
+    """Mean ± std, or the mean alone (a published anchor, one seed, no finite std). A row read back
+    from a saved file has null where write_json met a NaN or an infinity: such a mean prints as nan."""
+    mean, std = row["mean"], row.get("std")
+    text = "nan" if mean is None else f"{mean:.4g}"
+    if row.get("anchor") or not (std and math.isfinite(std)):
+        return text
+    return f"{text} ± {std:.2g}"
 
 
 def write(res: dict, out: Path = RESULTS) -> str:

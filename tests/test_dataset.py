@@ -330,6 +330,30 @@ def test_text_table_keys_and_numeric_log_ids_are_compared_as_text(tmp_path):
     assert codes[1] != codes[2] and 0 not in codes[1:]  # 10 and 11 got their own genres, not "missing"
 
 
+@pytest.mark.parametrize("table_format", ["csv", "parquet"])
+@pytest.mark.parametrize("log_format", ["csv", "parquet"])
+def test_spaced_log_ids_join_the_item_table_in_csv_and_parquet_alike(tmp_path, log_format, table_format):
+    # A log whose item ids carry spaces (" 7 ") joins a table keyed "7": the CSV reader always stripped
+    # them, a Parquet string column used to keep them, so " 7 " and "7" became two items and the logged
+    # ones lost their features.
+    log = pd.DataFrame({"user": list("aabbcc"), "movie": [" 7 ", " 8 "] * 3})
+    items = pd.DataFrame({"sku": ["7", "8"], "genre": ["drama", "comedy"]})
+    for frame, name, fmt in ((log, "log", log_format), (items, "items", table_format)):
+        path = tmp_path / f"{name}.{fmt}"
+        frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path, index=False)
+    config = RunConfig.model_validate({
+        "data": {"source": "files", "interactions": str(tmp_path / f"log.{log_format}"),
+                 "items": str(tmp_path / f"items.{table_format}"), "item_key": "sku",
+                 "columns": {"user": "user", "item": "movie"}},
+        "features": {"item": [{"type": "id", "name": "item_id"}, {"type": "categorical", "name": "genre"}]},
+        "eval": {"protocol": "tfrs"},
+    })  # fmt: skip
+    data = build_retrieval_data(config)
+    assert [str(i) for i in data.item_ids] == ["7", "8"]
+    codes = data.item_table["genre"].tolist()
+    assert 0 not in codes and codes[0] != codes[1]  # each logged item got its own genre, not "missing"
+
+
 def test_a_side_without_an_id_feature_builds(tmp_path):
     # A user tower of features only (no id feature) used to fail: "id_values was given but no
     # IdFeature is declared".

@@ -67,6 +67,16 @@ def test_whole_number_floats_match_int_vocabulary() -> None:
     assert enc.transform(pd.DataFrame({"u": ["2"]}))["u"].tolist() == [0]  # type-sensitive lookup
 
 
+def test_an_infinite_category_is_missing_so_the_saved_vocabulary_stays_json(tmp_path) -> None:
+    from twotower.storage import read_json, write_json
+
+    enc = FeatureEncoder([CategoricalFeature(name="c")]).fit(pd.DataFrame({"c": [1.5, np.inf, -np.inf, 1.5]}))
+    assert enc.vocabulary("c") == [1.5]
+    assert enc.transform(pd.DataFrame({"c": [np.inf, 1.5]}))["c"].tolist() == [0, 1]
+    write_json(tmp_path / "v.json", enc.vocabulary("c"))
+    assert read_json(tmp_path / "v.json") == [1.5]
+
+
 def test_multi_hot_padding_oov_and_dedup(items: pd.DataFrame) -> None:
     enc = FeatureEncoder([MultiHotFeature(name="tags")]).fit(items)
     assert enc.vocabulary("tags") == ["a", "b", "c"]  # indices 2, 3, 4

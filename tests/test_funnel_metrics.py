@@ -207,6 +207,12 @@ def test_funnel_table_exact_string() -> None:
     )
 
 
+def test_funnel_table_prints_a_null_read_back_from_json_as_the_nan_it_was() -> None:
+    # write_json writes a NaN as null: a funnel reloaded from its file prints as the one in memory did.
+    stages = {"served": {"ndcg@10": float("nan"), "users": 5}}
+    assert funnel_table({"served": {"ndcg@10": None, "users": 5}}) == funnel_table(stages)
+
+
 def test_funnel_table_escapes_and_errors() -> None:
     assert funnel_table({"a|b": {"x": 1.0}}) == "| stage | x |\n|---|---|\n| a\\|b | 1.0000 |"
     with pytest.raises(ValueError, match="nothing to tabulate"):

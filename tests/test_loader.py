@@ -327,6 +327,19 @@ def test_load_table_key_normalisation_edge_cases(tmp_path: Path) -> None:
     assert len(empty) == 0 and list(empty.columns) == ["item_id", "x"]
 
 
+def test_parquet_text_ids_are_stripped_as_in_text_files(tmp_path: Path) -> None:
+    # The CSV reader's rule (see the key edge cases above), for string and dictionary columns alike.
+    path = tmp_path / "r.parquet"
+    pd.DataFrame({"user_id": [" u1 ", "u2\t"], "item_id": pd.Categorical([" 7 ", "x "])}).to_parquet(path)
+    f = load_interactions(path).frame
+    assert f["user_id"].tolist() == ["u1", "u2"] and f["item_id"].tolist() == ["7", "x"]
+    pd.DataFrame({"item_id": ["7", " 7 "], "x": [1, 2]}).to_parquet(path)
+    with pytest.raises(
+        DataError, match=r"row 2, column 'item_id': duplicate key '7' \(first seen in row 1\)"
+    ):
+        load_table(path, "item_id")
+
+
 def test_parquet_categorical_id_column_with_one_distinct_value(tmp_path: Path) -> None:
     # `.map` keeps a one-category categorical categorical; the loader judges it by its values.
     path = tmp_path / "r.parquet"

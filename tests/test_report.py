@@ -11,6 +11,7 @@ from conftest import tiny_config
 from twotower.experiment import train_run
 from twotower.report import build_report, summary_table
 from twotower.reranker import FORMAT
+from twotower.storage import write_json
 
 HEADINGS = ["Summary", "Training curves", "Recall@K", "Examination curves", "Funnel", "Notes"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -206,3 +207,16 @@ def test_a_damaged_funnel_file_is_named_in_the_funnel_section(run):
     finally:
         (run / "funnel.json").unlink()
     assert "funnel.json was not used" in funnel and "expected a number" in funnel
+
+
+def test_a_funnel_file_with_nan_values_saved_as_null_is_still_used(run):
+    # The demo's funnel.json goes through write_json, which writes an undefined (NaN) metric as null:
+    # the report used to drop the whole file over it ("expected a number, got None").
+    stored = {"funnel": {"served": {"ndcg@10": float("nan"), "users": 3}},
+              "recall_curves": {"popular": {5: 0.1, 10: float("nan"), 20: 0.3}},
+              "true_examination": {"desktop": [1.0, float("nan"), 0.5]}, "notes": ["kept"]}  # fmt: skip
+    write_json(run / "funnel.json", stored)
+    page = build_report(run).read_text()
+    assert "was not used" not in page and "kept" in section(page, "notes")
+    assert "<td>served</td>" in section(page, "funnel")
+    assert "report/examination.png" in page and "popular" in section(page, "recall")

@@ -1,5 +1,7 @@
 """Atomic writes: the old file or the new one, never a truncated one; modes a plain open would give."""
 
+import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -108,6 +110,40 @@ def test_numpy_arrays_are_written_as_lists(tmp_path):
     an array of size 1"."""
     write_json(tmp_path / "a.json", {"v": np.array([1, 2]), "m": np.zeros((2, 1), dtype=np.float32)})
     assert read_json(tmp_path / "a.json") == {"m": [[0.0], [0.0]], "v": [1, 2]}
+
+
+def _strict_json(text: str):
+    """json.loads as jq or JSON.parse read: the bare tokens NaN, Infinity and -Infinity are no JSON."""
+
+    def refuse(token: str):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_and_infinities_are_written_as_null_anywhere_in_the_tree(tmp_path):
+    """json.dumps wrote NaN / Infinity tokens, which other tools refuse (the whole file with them)."""
+    path = tmp_path / "metrics.json"
+    obj = {
+        "ndcg@10": math.nan,
+        "nested": {"list": [1.5, math.inf, -math.inf, (2, math.nan)], "ok": 0.25},
+        "numpy": {"f32": np.float32("nan"), "f64": np.float64("inf"), "array": np.array([1.0, np.nan])},
+        "tensor": torch.tensor([[-math.inf, 3.0]]),
+        "count": 7,
+        "flag": True,
+    }
+    write_json(path, obj)
+    expected = {
+        "count": 7,
+        "flag": True,
+        "ndcg@10": None,
+        "nested": {"list": [1.5, None, None, [2, None]], "ok": 0.25},
+        "numpy": {"array": [1.0, None], "f32": None, "f64": None},
+        "tensor": [[None, 3.0]],
+    }
+    assert _strict_json(path.read_text()) == expected
+    assert read_json(path) == expected
+    assert obj["ndcg@10"] != obj["ndcg@10"] and obj["nested"]["list"][1] == math.inf  # the input is kept
 
 
 def test_json_is_read_as_utf8_whatever_the_locale(tmp_path):

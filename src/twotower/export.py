@@ -23,7 +23,6 @@ the format, the hashes and that the index metric is the training similarity befo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -42,7 +41,14 @@ from twotower.index import IndexConfig, ItemIndex
 from twotower.query_tower import QueryTower
 from twotower.recommender import Retriever
 from twotower.retrieval import ModelConfig
-from twotower.storage import load_tensors, read_json, save_tensors, staging_dir_beside, write_json
+from twotower.storage import (
+    load_tensors,
+    read_json,
+    save_tensors,
+    sha256_file,
+    staging_dir_beside,
+    write_json,
+)
 from twotower.topk import CSR
 
 __all__ = [
@@ -307,11 +313,7 @@ def _hashes(root: Path) -> dict[str, str]:
     """SHA-256 of every file below ``root`` except the manifest, keyed by relative path."""
     out = {}
     for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        digest = hashlib.sha256()
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        out[file.relative_to(root).as_posix()] = digest.hexdigest()
+        out[file.relative_to(root).as_posix()] = sha256_file(file)
     return out
 
 

@@ -138,7 +138,9 @@ def _canon(value: Any) -> int | float | str | None:
         return int(value)
     if isinstance(value, float | np.floating):
         value = float(value)
-        if math.isnan(value):
+        # An infinite category is no key a saved vocabulary can hold (JSON has no inf; write_json
+        # writes null), so it counts as missing in training and at serving alike.
+        if not math.isfinite(value):
             return None
         return int(value) if value.is_integer() else value
     text = str(value)

@@ -317,7 +317,10 @@ def served_ndcg(
 
 # ----------------------------------------------------------------------------------------- table
 def _cell(value: Any, stage: str, metric: str) -> str:
-    # Integers (user counts, k) stay integers; every other number gets 4 decimals.
+    # Integers (user counts, k) stay integers; every other number gets 4 decimals. None is how a NaN
+    # comes back from a saved file (write_json writes null), so a reloaded funnel prints as it did.
+    if value is None:
+        return "nan"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"stage {stage!r} metric {metric!r}: expected a number, got {value!r}")
     if isinstance(value, numbers.Integral):
@@ -332,8 +335,8 @@ def _escape(text: str) -> str:
 def funnel_table(stages: dict[str, dict[str, float]]) -> str:
     """A markdown table: one row per stage (in dict order), one column per metric in first-seen order.
 
-    Floats print with 4 decimals (NaN as ``nan``), integers as integers, a metric a stage lacks as a
-    blank cell. No trailing newline.
+    Floats print with 4 decimals (NaN, or None as read back from JSON, as ``nan``), integers as
+    integers, a metric a stage lacks as a blank cell. No trailing newline.
     """
     if not stages:
         raise ValueError("stages is empty: nothing to tabulate")

@@ -11,6 +11,7 @@ does). Every string from a file or from ``extra`` is HTML-escaped.
 from __future__ import annotations
 
 import html
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,8 @@ def _check_extra(extra: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"unknown extra keys {unknown}; known: {list(EXTRA_KEYS)}")
     try:
         given = (extra.get("recall_curves") or {}).items()
-        curves = {str(c): {int(k): float(v) for k, v in p.items()} for c, p in given}
-        truth = {str(c): [float(v) for v in p] for c, p in (extra.get("true_examination") or {}).items()}
+        curves = {str(c): {int(k): _number(v) for k, v in p.items()} for c, p in given}
+        truth = {str(c): [_number(v) for v in p] for c, p in (extra.get("true_examination") or {}).items()}
         cut_offs = [k for points in curves.values() for k in points]
         if not all([*curves.values(), *truth.values()]) or any(k < 1 for k in cut_offs):
             raise ValueError("a curve is empty or has a cut-off K < 1")
@@ -117,6 +118,12 @@ def _check_extra(extra: dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(notes, str) or not all(isinstance(n, str) for n in notes):
         raise TypeError("extra notes must be a list of strings")
     return {"recall_curves": curves, "true_examination": truth, "funnel": funnel, "notes": list(notes)}
+
+
+def _number(value: Any) -> float:
+    """A curve point as a float. None is how funnel.json holds a NaN (write_json writes null): a gap
+    in the chart, as the NaN itself is, not a reason to drop the stored file."""
+    return math.nan if value is None else float(value)
 
 
 def _open_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:

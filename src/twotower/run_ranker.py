@@ -17,7 +17,6 @@ pair features it scores, the directory format and its checks) without the traini
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -34,7 +33,14 @@ from torch import Tensor, nn
 from twotower.config import SectionDefaults, TrainConfig
 from twotower.data.impressions import ImpressionColumns
 from twotower.ranking import DebiasedRanker, RankerConfig
-from twotower.storage import atomic_write_text, read_json, save_tensors, staging_dir_beside, write_json
+from twotower.storage import (
+    atomic_write_text,
+    read_json,
+    save_tensors,
+    sha256_file,
+    staging_dir_beside,
+    write_json,
+)
 
 __all__ = [
     "CONTEXT",
@@ -278,12 +284,3 @@ def stage_dir(stage: str) -> str:
     if stage not in STAGES:
         raise ValueError(f"unknown ranker stage {stage!r}; choose one of {STAGES}")
     return stage
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (how a ranker names the retrieval weights it sits on)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -8,7 +8,9 @@ target, so a crash leaves either the old file or the new one - never a truncated
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -89,8 +91,43 @@ def write_parquet(path: Path, frame: Any) -> None:
     _atomic_write(path, lambda handle, _tmp: frame.to_parquet(handle, index=False))
 
 
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks: logs and weights of GBs are never held in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """``obj`` as indented JSON, atomically; a NaN or infinite float is written as ``null``.
+
+    Python's json would write the bare tokens NaN / Infinity, which are not JSON: jq, JSON.parse and
+    most other tools reject the whole file. Such values do occur - a metric no user could be evaluated
+    on is NaN - and metrics, histories and bench results are the files people hand to other tools. An
+    error instead would lose a finished run's results over one undefined metric; null reads as "no
+    value", and the readers of these files (the report, the bench tables) take it as a missing number.
+    ``allow_nan=False``: a value that got past :func:`_finite` fails rather than writing such a file.
+    """
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=_finite_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float inside dicts and lists (tuples too) replaced by None."""
+    if isinstance(obj, float):  # numpy's float64 too; other numpy floats go through _finite_default
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(value) for value in obj]
+    return obj
+
+
+def _finite_default(obj: Any) -> Any:
+    """What json cannot write itself (tensors, numpy values, paths), converted and then made finite."""
+    return _finite(_json_default(obj))
 
 
 class DamagedFileError(ValueError, SafetensorError):

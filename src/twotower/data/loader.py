@@ -16,7 +16,7 @@ Conventions:
   integer column (or a float column holding only whole numbers, which is what a nullable integer
   column becomes in pandas) becomes int64, unless it holds unsigned values beyond the int64 range;
   a categorical (dictionary) column is judged by its values. Anything else becomes ``str``.
-  Surrounding spaces are stripped from text ids.
+  Surrounding spaces are stripped from text ids, in text files and Parquet alike.
 - **Missing** means NaN/None or, in text, an empty cell or one of ``nan NaN NA N/A NULL null None``.
   A configured column that is missing in a row makes that row bad (ids, rating, weight, timestamp).
 - **Timestamps** become int64 Unix seconds. With ``timestamp_format=None`` a bare number is Unix seconds
@@ -202,14 +202,14 @@ def _normalise_ids(values: pd.Series, text: bool) -> pd.Series:
         if np.all(np.mod(arr, 1) == 0) and np.all(np.abs(arr) < 2**53):
             return pd.Series(arr.astype(np.int64), index=values.index)
         return values.astype(str)
-    if text:
-        stripped = values.astype(str).str.strip()
-        if stripped.str.fullmatch(_CANONICAL_INT).all():
-            return stripped.astype(np.int64)
-        return stripped
-    if values.map(lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)).all():
+    if not text and values.map(lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)).all():
         return values.astype(np.int64)
-    return values.astype(str)
+    # Spaces around an id are never part of it, whatever the file format: a Parquet log's " 7 " must
+    # join a table's 7 just as the same log written as CSV does (ids are compared as text across files).
+    stripped = values.astype(str).str.strip()
+    if text and stripped.str.fullmatch(_CANONICAL_INT).all():
+        return stripped.astype(np.int64)
+    return stripped
 
 
 def _number_check(raw: pd.Series, what: str, non_negative: bool) -> tuple[np.ndarray, _Check]:
