@@ -4,6 +4,8 @@
     python bench/ultr.py --quick               # 1 seed, 1 epoch, small world, a few methods (under a minute)
     python bench/ultr.py --parts sweep         # one part: main | sweep | rates
     python bench/ultr.py --letor PATH          # also a LETOR file (e.g. MSLR-WEB10K Fold1/train.txt)
+    python bench/ultr.py --parts sweep --top-n 40   # all 40 candidates shown (rows tagged /shown-40):
+                                               # the sweep without the documents the top 10 never show
     python bench/ultr.py --epochs 32 --valid-share 0.1   # each method's training length chosen on 10 % of
                                                # the training queries (rows tagged /valid-0.1-max32ep)
     python bench/ultr.py --epochs 32 --valid-share 0.1 --bias-refit-epochs 16   # then the bias tower
@@ -80,6 +82,7 @@ RATE_METHODS = ("two-tower-pal", "two-tower-additive")
 # Which policy logged the held-out clicks (click_loglik, click_auc): rows without this field are older,
 # their held-out log's production ranker was fitted on 1 % of the held-out queries' own labels.
 HELD_OUT = {"held_out_log": "logged by the training queries' production ranker"}
+TOP_N = 10  # documents shown per session, as in ULTRA
 
 
 def datasets(args: argparse.Namespace, only: list[str] | None = None) -> dict[str, RankingData]:
@@ -131,8 +134,10 @@ def run_cell(data: RankingData, config: UltrConfig, methods, seeds, label: str) 
 
 
 def length_tag(args: argparse.Namespace) -> str:
-    """Protocol suffix when the training length is chosen on held-out queries (else 8 fixed epochs)."""
-    tag = f"/valid-{args.valid_share:g}-max{args.epochs}ep" if args.valid_share else ""
+    """Protocol suffix: how many documents a session shows (when not ULTRA's 10), and how the training
+    length is chosen (on held-out queries; else 8 fixed epochs)."""
+    tag = f"/shown-{args.top_n}" if args.top_n != TOP_N else ""
+    tag += f"/valid-{args.valid_share:g}-max{args.epochs}ep" if args.valid_share else ""
     if args.valid_share and args.patience != 3:  # 3: the rows measured before patience was a flag
         tag += f"-patience{args.patience}"
     return tag + (f"/bias-refit-{args.bias_refit_epochs}ep" if args.bias_refit_epochs else "")
@@ -140,14 +145,15 @@ def length_tag(args: argparse.Namespace) -> str:
 
 def plot_tag(args: argparse.Namespace) -> str:
     """Plot file suffix, so a run with another training protocol does not overwrite the default's plots."""
-    return ("_valid" if args.valid_share else "") + ("_refit" if args.bias_refit_epochs else "")
+    shown = f"_shown{args.top_n}" if args.top_n != TOP_N else ""
+    return shown + ("_valid" if args.valid_share else "") + ("_refit" if args.bias_refit_epochs else "")
 
 
 def config_for(args: argparse.Namespace, click: str, logging: dict, ranker: dict | None = None) -> UltrConfig:
     train = {"epochs": 1 if args.quick else args.epochs, "batch_size": 256, "lr": 3e-3}
     return UltrConfig.model_validate(
         {
-            "simulation": {"click_model": {"model": click}, "logging": logging},
+            "simulation": {"click_model": {"model": click}, "logging": logging, "top_n": args.top_n},
             "ranker": ranker or {},
             "train": train,
             "valid_share": args.valid_share,
@@ -320,6 +326,10 @@ def main(argv: list[str] | None = None) -> None:
         help="hold out this share of the training queries to choose each method's training length",
     )  # fmt: skip
     parser.add_argument("--patience", type=int, default=3, help="with --valid-share")
+    parser.add_argument(
+        "--top-n", type=int, default=TOP_N,
+        help="documents shown per session (the synthetic world has 40 per query: 40 shows them all)",
+    )  # fmt: skip
     parser.add_argument(
         "--bias-refit-epochs", type=int, default=0,
         help="then fit the bias tower alone this many epochs, relevance frozen (UltrConfig)",

@@ -257,6 +257,25 @@ def test_a_log_with_no_known_item_is_an_error_naming_the_file(planted, tmp_path)
         fit_run_ranker(planted.run_dir, path, _config())
 
 
+def test_weights_replaced_while_loading_are_an_error_not_a_ranker_under_the_wrong_hash(
+    planted, tmp_path, monkeypatch
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(planted.run_dir, run_dir, ignore=shutil.ignore_patterns("export", "ranker*"))
+    path = planted.write_csv(tmp_path / "log.csv", planted.simulate(50, 3))
+    original = Retriever.load
+
+    def load_then_retrain(where):  # a training finishing into the run just after the load
+        loaded = original(where)
+        with open(Path(where) / "model.safetensors", "ab") as handle:
+            handle.write(b"new weights")
+        return loaded
+
+    monkeypatch.setattr(Retriever, "load", load_then_retrain)
+    with pytest.raises(RuntimeError, match="model.safetensors changed while it was being loaded"):
+        fit_run_ranker(run_dir, path, _config())
+
+
 def test_a_log_without_any_click_is_an_error_not_a_meaningless_ranker(planted, tmp_path):
     path = _hand_made(
         tmp_path / "unclicked.csv", [("a", 0, 1, 1, 0, "desktop"), ("a", 0, 2, 2, 0, "desktop")]
