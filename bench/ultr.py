@@ -327,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--patience", type=int, default=3, help="with --valid-share")
     parser.add_argument(
+        "--sweep-w", type=float, nargs="+", default=list(SWEEP_W), choices=SWEEP_W,
+        help="the sweep's policy strengths to measure (default: all; the others' saved rows are kept)",
+    )  # fmt: skip
+    parser.add_argument(
         "--top-n", type=int, default=TOP_N,
         help="documents shown per session (the synthetic world has 40 per query: 40 shows them all)",
     )  # fmt: skip
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         # --methods picks any methods (the PAL variants too); by default the issue's five
         sweep_methods = list(args.methods) if args.methods else list(SWEEP_METHODS)
         rows = []
-        for w in SWEEP_W:
+        for w in args.sweep_w:
             config = config_for(args, "pbm", {"kind": "mixture", "w": w})
             values, _ = run_cell(data, config, sweep_methods, seeds, f"sweep w={w}")
             for method, vals in values.items():
