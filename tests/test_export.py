@@ -251,3 +251,31 @@ def test_a_failed_final_rename_puts_the_previous_export_back(runs, tmp_path, mon
     assert (out / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
     load_export(out)
+
+
+def test_weights_replaced_while_loading_are_an_error_not_an_export_under_the_new_hash(
+    runs, tmp_path, monkeypatch
+):
+    """The manifest's retrieval_sha256 is what staleness checks compare: filed under the new weights'
+    hash, an export of the old ones would never be refreshed."""
+    from twotower.export import stale_export_reason
+    from twotower.storage import load_tensors, save_tensors
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["plain"], run_dir, ignore=shutil.ignore_patterns("export"))
+    original = Retriever.load
+
+    def load_then_retrain(where):  # a training finishing into the run just after the load
+        loaded = original(where)
+        weights = load_tensors(run_dir / "model.safetensors")
+        name = next(k for k in weights if "item" in k and weights[k].is_floating_point())
+        save_tensors(run_dir / "model.safetensors", {**weights, name: weights[name] + 0.5})
+        return loaded
+
+    monkeypatch.setattr(Retriever, "load", load_then_retrain)
+    with pytest.raises(RuntimeError, match="model.safetensors changed while it was being loaded"):
+        export_run(run_dir)
+    monkeypatch.undo()
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith((".export", "export"))) == []
+    # had it been written, it would now pass for fresh
+    assert stale_export_reason(run_dir, export_run(run_dir)) is None

@@ -355,3 +355,18 @@ def test_saving_over_another_backend_loads_the_new_one(indexes, tmp_path):
     loaded = ItemIndex.load(tmp_path, "cosine")
     assert loaded.config.backend == "exact" and loaded.faiss_index is None
     np.testing.assert_array_equal(loaded.search(QUERIES, K)[0], _exact(K)[0])
+
+
+def test_a_save_failing_half_way_over_an_index_leaves_nothing_that_loads(indexes, tmp_path, monkeypatch):
+    """index.json marks a complete index: a failed save must not leave the old one's beside new vectors."""
+    indexes["faiss-flat"].save(tmp_path)
+    other = ItemIndex.build(_clustered(N, seed=3), CONFIGS["faiss-flat"], "cosine")
+
+    def disk_full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        other.save(tmp_path)  # vectors.safetensors is already the new one by then
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        ItemIndex.load(tmp_path, "cosine")

@@ -57,6 +57,14 @@ def test_as_matrix_accepts_tensors_and_refuses_bad_shapes_and_values():
         as_matrix(np.array([[1.0, np.nan]]), "items")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_as_matrix_takes_half_precision_tensors(dtype):
+    """A half-precision model's embeddings; numpy has no bfloat16, so it is converted in torch."""
+    x = torch.tensor([[0.5, -1.25], [3.0, 0.0]], dtype=dtype)
+    out = as_matrix(x, "items", dim=2)
+    assert out.dtype == np.float32 and out.tolist() == [[0.5, -1.25], [3.0, 0.0]]
+
+
 def test_cosine_needs_unit_norm_vectors_and_dot_takes_any():
     items = _unit(20, 8)
     assert check_normalized(items, "cosine") and check_normalized(items, "dot")

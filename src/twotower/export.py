@@ -75,7 +75,16 @@ def export_run(
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "export"
     _check_destination(run_dir, out)
+    # Hashed before and after the load: the manifest's hash must name the weights the export was
+    # computed from, or weights replaced meanwhile (a retrain into this run) would pass every later
+    # staleness check while the old embeddings are served.
+    retrieval_sha256 = sha256_file(run_dir / "model.safetensors")
     retriever = Retriever.load(run_dir)
+    if sha256_file(run_dir / "model.safetensors") != retrieval_sha256:
+        raise RuntimeError(
+            f"{run_dir / 'model.safetensors'} changed while it was being loaded (is a training writing "
+            "into this run?); export again once it has finished"
+        )
     model, config = retriever.model, retriever.config
     meta = read_json(run_dir / "model.json")
     user_encoder = FeatureEncoder.from_dict(meta["user_encoder"])
@@ -103,10 +112,9 @@ def export_run(
         log.info(
             "index %s built in %.1fs: %s", index_config.backend, time.perf_counter() - t0, built.build_report
         )
-        from twotower.reranker import STAGES, RunRanker, sha256_file
+        from twotower.reranker import STAGES, RunRanker
 
         # Loading checks each ranker sits on these very retrieval weights before it ships.
-        retrieval_sha256 = sha256_file(run_dir / "model.safetensors")
         stages = {stage: (run_dir / stage).is_dir() for stage in STAGES}
         for stage, present in stages.items():
             if present:

@@ -258,6 +258,9 @@ class ItemIndex:
     def save(self, directory: str | Path) -> None:
         """vectors.safetensors, index.faiss, then index.json (last: it marks a complete index)."""
         directory = Path(directory)
+        # Saving over an index: its index.json goes first, or a save that fails half-way would leave the
+        # new vectors beside the old FAISS file under a description that still loads.
+        (directory / "index.json").unlink(missing_ok=True)
         save_tensors(directory / "vectors.safetensors", {"items": torch.from_numpy(self.items)})
         faiss = import_faiss() if self.faiss_index is not None else None
         if faiss is not None:

@@ -75,7 +75,7 @@ class IndexConfig(BaseModel):
 def as_matrix(x: Any, name: str, dim: int | None = None) -> np.ndarray:
     """``x`` as a contiguous float32 [n, dim] array (FAISS and the exact path both want one), finite."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu().to(torch.float32).numpy()  # in torch: numpy has no bfloat16
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
         raise ValueError(f"{name} must be a 2-D float array [n, {dim or 'd'}], got shape {x.shape}")
