@@ -172,3 +172,12 @@ def test_evaluate_unknown_protocol_and_bad_index_are_plain_messages(tmp_path):
     result = runner.invoke(app, ["export", str(run_dir), "--index", "hnsw"])
     _clean_failure(result, "--index", "backend")
     assert "errors.pydantic.dev" not in result.output and "validation error for" not in result.output
+
+
+def test_serve_refuses_a_port_that_does_not_exist(tmp_path):
+    # --port 99999 was accepted: the server announced http://127.0.0.1:99999 and listened on 34463
+    # (the port taken modulo 65536), so nothing answered where it said.
+    for port, bound in (("99999", "65535"), ("0", "1")):
+        result = runner.invoke(app, ["serve", str(tmp_path), "--port", port])
+        assert result.exit_code == 2 and "serving" not in result.output, result.output
+        assert "--port" in result.output and bound in result.output

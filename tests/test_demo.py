@@ -83,6 +83,12 @@ def test_report_has_every_section_and_valid_pngs(demo) -> None:
     assert "+debiased-labels" in funnel and "served_ndcg@10" in funnel
     assert "mobile (true)" not in page  # legend text lives in the PNG, not the HTML
     assert "max |learned - true|" in _section(page, "examination")
+    # In the order the demo printed them (funnel.json used to sort them: "+all" first, "retrieval" lost
+    # among the variants), and so are the metric columns.
+    rows = re.findall(r"<tr><td>([^<]+)</td>", funnel)
+    assert rows[:3] == ["retrieval", "control", "+raw-clicks"], rows
+    columns = re.findall(r"<th>([^<]+)</th>", funnel)
+    assert columns[:2] == ["stage", "ranker_top10_recall@10"] and columns[-1] == "served_ndcg@10", columns
 
 
 def test_report_command_rebuilds_it_from_the_run(demo, tmp_path) -> None:

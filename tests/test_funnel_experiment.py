@@ -246,3 +246,23 @@ def test_a_seed_fixes_every_result_whatever_the_variant_order(experiment, tmp_pa
     assert again["learned_examination"] == first["learned_examination"]
     logs = [pd.read_parquet(path / "impressions.parquet") for path in (run_dir, tmp_path / "run")]
     pd.testing.assert_frame_equal(*logs)
+
+
+def test_progress_reaches_the_rankers_training(tmp_path, monkeypatch) -> None:
+    """The rankers train for about a minute of the full demo: with progress asked for, they show it too
+    (they used to train silently between [3/6] and [4/6])."""
+    import twotower.funnel_experiment as funnel_experiment
+
+    asked: list[bool] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, progress: bool = False, **kwargs):
+        asked.append(progress)
+        raise Stop  # enough is known: the retrieval run is all this test needs to pay for
+
+    monkeypatch.setattr(funnel_experiment, "train_run_ranker", stop)
+    with pytest.raises(Stop):
+        run_funnel_experiment(small_config(), tmp_path / "run", echo=lambda _: None, progress=True)
+    assert asked == [True]

@@ -82,6 +82,21 @@ def test_charts_are_written_as_pngs_and_named_in_img_tags(tmp_path):
     assert "No history.json" in training_section(_run(), charts)
 
 
+def test_training_columns_follow_the_cut_off_as_a_number(tmp_path):
+    # history.json is written with sorted keys: as text, valid_recall@10 comes before valid_recall@5
+    # (and the chart's legend would read @1, @10, @20, @5).
+    history = [{"epoch": 1, "loss": 1.0, "valid_recall@10": 0.2, "valid_ndcg@5": 0.1, "valid_recall@5": 0.1}]
+    html = training_section(_run(history=history), Charts(tmp_path / "report"))
+    header = html[html.index("<table>") :]
+    assert header.index("valid_ndcg@5") < header.index("valid_recall@5") < header.index("valid_recall@10")
+
+
+def test_an_undefined_value_is_not_shown_as_raw_nan():
+    assert fmt_value(float("nan")) == "n/a"
+    table = funnel_section({"served": {"ndcg@10": float("nan")}})
+    assert "nan" not in table and '<td class="n">n/a</td>' in table
+
+
 def test_examination_compares_learned_and_true_curves_relative_to_position_one(tmp_path):
     ranker = {"examination_curve": {"mobile": [1.0, 0.7, 0.5]}, "context": {"column": "device"},
               "summary": {"sessions": 10}}  # fmt: skip

@@ -296,7 +296,8 @@ def serve(
         ..., help="a run directory (exported on first use) or an export", exists=True
     ),
     host: str = typer.Option("127.0.0.1", help="interface to bind"),
-    port: int = typer.Option(8000, help="TCP port"),
+    # Bounded: uvicorn takes 99999 modulo 65536 and listens where the announced URL does not point.
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port"),
     retrieve_n: int | None = typer.Option(
         None,
         "--retrieve-n",

@@ -152,7 +152,11 @@ def run_funnel_experiment(
     echo(f"[3/6] {config.requests:,} logged requests, click rate {log['click'].mean():.3f}")
 
     for stage, light in (("ranker", False), ("light_ranker", True)):
-        train_run_ranker(run_dir, run_dir / "impressions.parquet", _ranker_config(config, light), stage=stage)
+        ranker_config = _ranker_config(config, light)
+        # A minute of the full demo: silent between [3/6] and [4/6] it looked like a hang.
+        train_run_ranker(
+            run_dir, run_dir / "impressions.parquet", ranker_config, progress=progress, stage=stage
+        )
     ranker, light = RunRanker.load(run_dir, "ranker"), RunRanker.load(run_dir, "light_ranker")
     assert ranker is not None and light is not None
     t = lap("rankers", t)

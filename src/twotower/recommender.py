@@ -6,6 +6,7 @@ and ``evaluate`` commands go through here, so they see exactly what was saved.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +26,8 @@ from twotower.retrieval import TwoTowerModel
 from twotower.storage import load_tensors, read_json, write_json
 from twotower.task_config import build_task
 from twotower.topk import CSR
+
+log = logging.getLogger(__name__)
 
 
 class UnknownUserError(KeyError):
@@ -138,6 +141,13 @@ def evaluate_run(run_dir: str | Path, protocol: str | None = None) -> dict[str, 
     if len(data.item_ids) != len(retriever.item_ids) or (data.item_ids != retriever.item_ids).any():
         raise ValueError(f"the data no longer matches the catalogue saved in {run_dir}")
     metrics = evaluate_model(retriever.model, config.eval.protocol, data.train, data.test, config.eval.ks)
+    if protocol is not None and protocol != retriever.config.eval.protocol:
+        # Each protocol draws its own split: this test split holds pairs the model was trained on.
+        log.warning(
+            "protocol %s: the model was trained on the %s split, whose training pairs the %s test "
+            "split does not hold out; these metrics are optimistic (train with eval.protocol=%s for "
+            "honest ones)", protocol, retriever.config.eval.protocol, protocol, protocol,
+        )  # fmt: skip
     write_json(Path(run_dir) / f"metrics-{config.eval.protocol}.json", metrics)
     return metrics
 

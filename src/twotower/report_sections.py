@@ -97,6 +97,8 @@ def metric_comparison(run: dict[str, Any]) -> dict[str, dict[str, float]]:
 # ------------------------------------------------------------------------------------- formatting
 def fmt_value(value: Any) -> str:
     """A table cell's text (HTML tables and the plain-text summary format numbers alike)."""
+    if isinstance(value, float) and math.isnan(value):  # a metric no query could define
+        return "n/a"
     if isinstance(value, float):  # large ones (examples/s) keep one decimal, the rest (metrics) four
         return f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4f}"
     return "" if value is None else str(value)
@@ -218,6 +220,7 @@ def training_section(run: dict[str, Any], charts: Charts) -> str:
     if not history:
         return _missing("history", run)
     valid = list(dict.fromkeys(k for r in history for k in r if k.startswith("valid_")))
+    valid.sort(key=lambda k: metric_order(k.removeprefix("valid_")))  # history.json sorts keys as text
     panels: dict[str, list[str]] = {"loss": ["loss"]}
     for key in valid:  # one panel per metric, one line per cut-off: valid_ndcg@5 and @10 share "ndcg"
         panels.setdefault(key.removeprefix("valid_").split("@")[0], []).append(key)

@@ -100,8 +100,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
     """``obj`` as indented JSON, atomically; a NaN or infinite float is written as ``null``.
+    ``sort_keys=False`` keeps the dicts' own order, for files whose order is their content (rows of a
+    table).
 
     Python's json would write the bare tokens NaN / Infinity, which are not JSON: jq, JSON.parse and
     most other tools reject the whole file. Such values do occur - a metric no user could be evaluated
@@ -110,7 +112,7 @@ def write_json(path: Path, obj: Any) -> None:
     value", and the readers of these files (the report, the bench tables) take it as a missing number.
     ``allow_nan=False``: a value that got past :func:`_finite` fails rather than writing such a file.
     """
-    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=_finite_default, allow_nan=False)
+    text = json.dumps(_finite(obj), indent=2, sort_keys=sort_keys, default=_finite_default, allow_nan=False)
     atomic_write_text(path, text + "\n")
 
 
