@@ -26,6 +26,7 @@ def test_train_recommend_evaluate(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "recall@10" in result.output
+    assert "None" not in result.output  # no early stopping: no best_epoch line, not "best_epoch None"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 1
     result = runner.invoke(app, ["recommend", str(run_dir), "--user", "3", "-k", "5"])
     assert result.exit_code == 0, result.output

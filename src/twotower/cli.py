@@ -27,6 +27,8 @@ def _fail(message: str) -> None:
 
 def _print_metrics(metrics: dict) -> None:
     for key, value in metrics.items():
+        if value is None:  # e.g. best_epoch without early stopping: nothing to say, not "None"
+            continue
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         typer.echo(f"  {key:<22} {shown}")
 
