@@ -217,6 +217,19 @@ def test_recall_report_without_queries_uses_items():
     assert index.recall_vs_exact(QUERIES, K) >= 0.9
 
 
+def test_recall_is_measured_at_a_k_the_faiss_index_answers_itself():
+    """Over a quarter of the catalogue, search() goes exact: recall there is 1.0 by construction."""
+    items = ITEMS[:200]
+    index = ItemIndex.build(
+        items, CONFIGS["faiss-hnsw"].model_copy(update={"recall_k": 100}), "cosine", QUERIES
+    )
+    report = index.build_report
+    assert report["k"] == 50 and "lowered from 100" in report["recall_queries_source"]
+    assert report["recall_at_k"] == index.recall_vs_exact(QUERIES, 50)
+    exact = ItemIndex.build(items, IndexConfig(recall_k=100), "cosine", QUERIES).build_report
+    assert exact["k"] == 100 and exact["recall_at_k"] == 1.0  # brute force answers any k exactly
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_save_load_round_trip(indexes, name, tmp_path):
     index = indexes[name]

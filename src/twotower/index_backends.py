@@ -67,7 +67,7 @@ class IndexConfig(BaseModel):
     pq_bits: int = Field(8, ge=1, le=16)
     refine: int = Field(8, ge=0)  # rerank refine * k PQ candidates with the exact vectors; 0 = off
     allowed_exact_max: int = Field(20_000, ge=0)  # allowed sets up to this size are searched exactly
-    recall_k: int = Field(100, ge=1)
+    recall_k: int = Field(100, ge=1)  # at most n_items // 4 for FAISS: larger k are searched exactly
     recall_queries: int = Field(1000, ge=0)
     threads: int | None = Field(None, ge=1)  # FAISS OpenMP threads (process-wide); None: all cores
 
