@@ -237,6 +237,17 @@ def test_no_contributing_row_gives_attached_zero(loss_fn):
 
 
 @pytest.mark.parametrize("loss_fn", every_loss())
+def test_no_contributing_row_gives_attached_zero_in_float16(loss_fn):
+    # No valid slot anywhere: the weight sum is 0 and the loss is 0 / floor. The floor 1e-12 is 0 in
+    # float16, which made the loss 0 / 0 = NaN (and NaN gradients) instead of the exact 0.
+    s = torch.randn(2, 3).half().requires_grad_()
+    loss = loss_fn(s, torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+    assert loss.dtype == torch.float16 and loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert (s.grad == 0).all()
+
+
+@pytest.mark.parametrize("loss_fn", every_loss())
 def test_row_weights(loss_fn):
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)

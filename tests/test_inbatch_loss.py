@@ -179,6 +179,19 @@ def test_a_positive_far_below_the_others_keeps_a_finite_exact_loss():
     assert torch.isfinite(query.grad).all() and torch.isfinite(cand.grad).all()
 
 
+def test_float16_underflowed_positive_keeps_the_exact_loss():
+    # T = 0.05: row 0's logits are [-20, 20] with the positive at -20, loss 40 + log(1 + e^-40) = 40;
+    # row 1's are [0, 0], loss log 2. Its softmax entry e^-40 ~ 4e-18 is 0 in float16, and the
+    # float32 threshold 1e-30 is 0 in float16 too: the fallback has to use float16's own threshold.
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float16, requires_grad=True)
+    cand = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float16, requires_grad=True)
+    got = inbatch_softmax(query, cand, 0.05)
+    assert got.dtype == torch.float16
+    assert got.item() == pytest.approx((40.0 + math.log(2.0)) / 2, abs=0.02)
+    got.backward()
+    assert torch.isfinite(query.grad).all() and torch.isfinite(cand.grad).all()
+
+
 def test_the_workspace_keeps_one_buffer_whatever_the_shapes():
     # The distinct-id softmax asks for a new [users, items] shape every step: memory must stay that of
     # the largest step, not grow with the number of shapes seen.

@@ -100,6 +100,22 @@ def test_a_positive_far_below_the_others_keeps_a_finite_exact_loss(hits):
     assert torch.isfinite(query.grad).all() and torch.isfinite(cand.grad).all()
 
 
+@pytest.mark.parametrize("hits", [False, True])
+def test_float16_underflowed_positive_keeps_the_exact_loss(hits):
+    # Rows (user 0, item 0), (user 1, item 1), T = 0.05: user 0's logits are [-20, 20], its positive at
+    # -20: loss 40 + log(1 + e^-40) = 40; user 1's are [0, 0]: log 2. e^-40 is 0 in float16, and so is
+    # the float32 threshold 1e-30: the fallback has to use float16's own threshold.
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float16, requires_grad=True)
+    cand = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float16, requires_grad=True)
+    rows = pos = torch.tensor([0, 1])
+    got = unique_inbatch_softmax(
+        query, rows, cand, pos, torch.tensor([1, 1]), 0.05, remove_accidental_hits=hits
+    )
+    assert got.item() == pytest.approx((40.0 + math.log(2.0)) / 2, abs=0.02)
+    got.backward()
+    assert torch.isfinite(query.grad).all() and torch.isfinite(cand.grad).all()
+
+
 def _model(distinct: bool, logq: str, dropout: float = 0.0, seed: int = 0) -> TwoTowerModel:
     torch.manual_seed(seed)
     n_users, n_items = 40, 50

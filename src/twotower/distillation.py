@@ -107,7 +107,9 @@ def _reduce(losses: Tensor, contributes: Tensor, weight: Tensor | None) -> Tenso
             raise ValueError(f"weight must be [B] = {tuple(losses.shape)}, got {tuple(weight.shape)}")
         w = weight.to(losses) * contributes
     losses = losses.masked_fill(~contributes, 0.0)
-    return (losses * w).sum() / w.sum().clamp_min(1e-12)
+    # The floor must be a normal number of the dtype: 1e-12 is 0 in float16, and no contributing row
+    # would give 0 / 0 = NaN instead of the promised 0.
+    return (losses * w).sum() / w.sum().clamp_min(max(1e-12, torch.finfo(losses.dtype).tiny))
 
 
 # --- distillation ----------------------------------------------------------------------------------

@@ -103,6 +103,14 @@ _WORKSPACE = _Workspace()
 _TINY = 1e-30
 
 
+def _tiny(dtype: torch.dtype) -> float:
+    """The underflow threshold for softmax entries of ``dtype``: ``_TINY``, or the smallest normal
+    number where that is larger. Compared with a float16 tensor, 1e-30 rounds to 0, so the exact-row
+    fallback would never fire and an underflowed positive (any row whose positive is ~17 nats below its
+    best negative) would give an infinite loss; float16's smallest normal is 6.1e-5."""
+    return max(_TINY, torch.finfo(dtype).tiny)
+
+
 class _SoftmaxRows(torch.autograd.Function):
     """Per-row softmax cross-entropy of ``scaled @ candidates^T`` with hits removed (see the module)."""
 
@@ -117,7 +125,7 @@ class _SoftmaxRows(torch.autograd.Function):
         torch.ops.aten._softmax.out(logits, 1, False, out=logits)
         positive = logits.gather(1, target[:, None]).squeeze(1)
         losses = -positive.log()
-        tiny = torch.nonzero(positive < _TINY).squeeze(1)
+        tiny = torch.nonzero(positive < _tiny(positive.dtype)).squeeze(1)
         if tiny.numel():  # the positive's probability underflowed: those rows' loss from their logits
             losses[tiny] = _exact_rows(scaled, candidates, target, hits, tiny)
         ctx.save_for_backward(scaled, candidates, target)

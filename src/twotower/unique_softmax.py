@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from twotower.inbatch_loss import _TINY, _WORKSPACE
+from twotower.inbatch_loss import _WORKSPACE, _tiny
 
 __all__ = ["unique_inbatch_softmax"]
 
@@ -104,7 +104,7 @@ class _UniqueSoftmax(torch.autograd.Function):
         # copies of its positive are removed (1 when they stay).
         keep_p = 1.0 - pp * (1.0 - 1.0 / count_p) if remove_hits else torch.ones_like(pp)
         losses = count_p.log() - pp.log() + keep_p.log()
-        tiny = torch.nonzero(pp < _TINY).squeeze(1)
+        tiny = torch.nonzero(pp < _tiny(pp.dtype)).squeeze(1)
         if tiny.numel():  # the positive's probability underflowed: those rows from their logits
             rows_t, positive_t, count_t = rows[tiny], positive[tiny], count_p[tiny]
             losses[tiny] = _exact_rows(scaled, columns, rows_t, positive_t, count_t, remove_hits)
