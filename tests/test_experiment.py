@@ -154,6 +154,23 @@ def test_resuming_replaces_the_export_of_the_previous_weights(tmp_path):
     assert manifest["retrieval_sha256"] == sha256_file(run_dir / "model.safetensors")
 
 
+def test_training_again_into_a_run_removes_what_described_the_old_weights(tmp_path):
+    """A report or another protocol's metrics left from the previous weights would pass for the new ones'."""
+    from twotower.recommender import evaluate_run
+    from twotower.report import build_report
+
+    run_dir = tmp_path / "run"
+    train_run(tiny_config(epochs=1), run_dir, progress=False)
+    evaluate_run(run_dir, "tfrs")
+    build_report(run_dir)
+    (run_dir / "funnel.json").write_text("{}")
+    assert (run_dir / "metrics-tfrs.json").exists() and (run_dir / "report").is_dir()
+    train_run(tiny_config(epochs=1), run_dir, progress=False)
+    left = {p.name for p in run_dir.iterdir()}
+    assert not left & {"metrics-tfrs.json", "report.html", "report", "funnel.json"}
+    assert {"metrics.json", "history.json", "model.safetensors", "config.yaml"} <= left
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_resuming_with_another_model_is_a_config_error_that_keeps_the_runs_config(tmp_path):
     from twotower.config import ConfigError

@@ -18,6 +18,7 @@ The new run is built in a hidden sibling directory and renamed into place, so a 
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import shutil
 from pathlib import Path
@@ -32,6 +33,7 @@ from twotower.align import AlignConfig, Teacher, align_retrieval, click_positive
 from twotower.data.dataset import Interactions
 from twotower.data.impressions import read_impressions
 from twotower.debiased_labels import DebiasConfig, debiased_labels
+from twotower.experiment import STALE_RESULTS
 from twotower.history import history_positions
 from twotower.recommender import Retriever
 from twotower.reranker import RANKER_DIR, STAGES, RunRanker, sha256_file
@@ -131,10 +133,10 @@ def align_run(
     staging = staging_dir_beside(out)
     try:
         # Rankers: see the module docstring. Metrics and reports: they describe the old weights.
-        stale = {"metrics.json", "demo_summary.json", "funnel.json", "report", "report.html"}
-        skip = {*STAGES, "checkpoints", "export", *stale}
+        skip = {*STAGES, "checkpoints", "export", "metrics.json"}
         for entry in run_dir.iterdir():  # (hidden: staging folders, a ranker training's checkpoints)
-            if entry.name not in skip and not entry.name.startswith("."):
+            stale = any(fnmatch.fnmatch(entry.name, pattern) for pattern in STALE_RESULTS)
+            if entry.name not in skip and not stale and not entry.name.startswith("."):
                 (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staging / entry.name)
         save_tensors(staging / "model.safetensors", model.state_dict())
         summary = {

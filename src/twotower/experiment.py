@@ -198,10 +198,26 @@ def _train_run(
         if (stale_export / "manifest.json").exists():
             log.info("removing %s: it was exported from the previous weights", stale_export)
             shutil.rmtree(stale_export)
+        remove_stale_results(run_dir)
         save_model(model, data, config, run_dir)
         write_json(run_dir / "history.json", result.history)
         write_json(run_dir / "metrics.json", metrics)
     return distributed.broadcast_json(metrics)
+
+
+# What a run directory holds about the previous weights besides the export (rebuilt on demand): the
+# report, metrics of other protocols (`evaluate --protocol`), the demo's funnel and summary.
+# metrics.json and history.json are rewritten with the new weights.
+STALE_RESULTS = ("report.html", "report", "funnel.json", "demo_summary.json", "metrics-*.json")
+
+
+def remove_stale_results(run_dir: Path) -> None:
+    """Remove STALE_RESULTS from ``run_dir``: new weights are being saved there (a run trained again into
+    the same directory, or resumed), and a report or metrics of the old ones would pass for theirs."""
+    for pattern in STALE_RESULTS:
+        for path in Path(run_dir).glob(pattern):
+            log.info("removing %s: it describes the previous weights", path)
+            (shutil.rmtree if path.is_dir() else Path.unlink)(path)
 
 
 # Sections whose change makes the last checkpoint another model (shapes, vocabularies, split, task
