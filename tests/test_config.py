@@ -172,3 +172,62 @@ def test_setting_one_key_of_a_section_keeps_the_sections_other_defaults():
         load_config(None, ["columns.user=null"], RunRankerConfig)  # an explicit value still wins
     ultr = load_config(None, ["train.epochs=16"], UltrConfig)
     assert (ultr.train.epochs, ultr.train.batch_size, ultr.train.lr) == (16, 256, 3e-3)
+
+
+def test_an_override_of_a_yaml_aliased_section_changes_that_section_alone(tmp_path):
+    # A YAML alias loads as one object in two places, and the YAML round trip that copied the config
+    # kept it shared: --set model.user_tower.dropout=0.3 silently set the item tower's dropout too.
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model:\n  user_tower: &tower {embedding_dim: 16, layers: [32, 16]}\n  item_tower: *tower\n"
+    )
+    cfg = load_config(path, ["model.user_tower.dropout=0.3"])
+    assert (cfg.model.user_tower.dropout, cfg.model.item_tower.dropout) == (0.3, 0.0)
+    assert cfg.model.item_tower.layers == [32, 16]  # the alias itself still applies
+
+
+def test_overrides_index_into_lists_the_config_spells_out(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "features:\n  user: [{type: id, name: user_id}, {type: categorical, name: job}]\n"
+        "model:\n  user_tower: {layers: [32, 16]}\n  item_tower: {layers: [32, 16]}\n"
+    )
+    cfg = load_config(path, ["features.user.1.embedding_dim=8", "model.user_tower.layers.0=64"])
+    assert cfg.features.user[1].embedding_dim == 8 and cfg.features.user[0].name == "user_id"
+    assert cfg.model.user_tower.layers == [64, 16]
+    for bad in ("features.user.2.name=x", "features.user.first.name=x", "features.user.-1.name=x"):
+        with pytest.raises(ConfigError, match=r"is not an index of a list of 2 entries"):
+            load_config(path, [bad])
+    # an entry's misspelt key is still an error naming it, down to the union member
+    with pytest.raises(ConfigError, match=r"features.user.1.categorical.nmae"):
+        load_config(path, ["features.user.1.nmae=job"])
+
+
+def _models_reachable_from(annotation, seen: set) -> set:
+    """Every pydantic model a field of ``annotation`` can hold: through lists, optionals, unions
+    (discriminated ones too) and Annotated."""
+    import typing
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if annotation not in seen:
+            seen.add(annotation)
+            for field in annotation.model_fields.values():
+                _models_reachable_from(field.annotation, seen)
+    else:
+        for arg in typing.get_args(annotation):
+            _models_reachable_from(arg, seen)
+    return seen
+
+
+def test_every_section_reachable_from_the_run_config_forbids_unknown_keys():
+    from twotower.config import RunConfig
+    from twotower.feature_specs import HashedIdFeature
+    from twotower.task_config import StreamingConfig
+    from twotower.towers import TowerConfig
+
+    models = _models_reachable_from(RunConfig, set())
+    assert {HashedIdFeature, StreamingConfig, TowerConfig} <= models  # the walk reaches unions and nesting
+    lax = sorted(m.__qualname__ for m in models if m.model_config.get("extra") != "forbid")
+    assert lax == [], f"sections that would silently ignore a misspelt key: {lax}"

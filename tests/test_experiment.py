@@ -382,6 +382,25 @@ def test_resume_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, caplo
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+def test_resuming_a_checkpoint_without_its_config_is_refused_and_keeps_the_checkpoint(tmp_path):
+    # It used to log "no checkpoint to resume from; training starts from scratch" and then load the
+    # checkpoint unchecked: here a state-dict traceback, after config.yaml had been written anew.
+    from twotower.config import ConfigError, RunConfig
+
+    run_dir = tmp_path / "run"
+    train_run(tiny_config(epochs=1), run_dir, progress=False)
+    (run_dir / "config.yaml").unlink()
+    checkpoint = (run_dir / "checkpoints" / "last.json").read_text()
+    raw = tiny_config(epochs=2).model_dump(mode="json")
+    raw["model"]["user_tower"]["layers"] = raw["model"]["item_tower"]["layers"] = [8]
+    other = RunConfig.model_validate(raw)
+    with pytest.raises(ConfigError, match="cannot resume .*checkpoint but no config.yaml"):
+        train_run(other, run_dir, resume=True, progress=False)
+    assert not (run_dir / "config.yaml").exists()
+    assert (run_dir / "checkpoints" / "last.json").read_text() == checkpoint
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_model_that_cannot_be_built_leaves_the_runs_config_alone(tmp_path):
     run_dir = tmp_path / "run"
     train_run(tiny_config(epochs=1), run_dir, progress=False)

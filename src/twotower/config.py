@@ -186,26 +186,50 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def _unshared(node: Any) -> Any:
+    """A copy of nested dicts and lists in which no two places share one object. YAML aliases
+    (``item_tower: *tower``) load as one object in two places, and a YAML round trip or
+    ``copy.deepcopy`` keeps them shared: an override of one place would silently change the other."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return node
+
+
+def _list_index(items: list[Any], part: str, override: str) -> int:
+    if not part.isdecimal() or int(part) >= len(items):
+        raise ConfigError(
+            f"override {override!r}: {part!r} is not an index of a list of {len(items)} entries"
+        )
+    return int(part)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with ``"a.b.c=value"`` overrides applied (value parsed as YAML)."""
-    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    """Return a copy of ``raw`` with ``"a.b.c=value"`` overrides applied (value parsed as YAML); an
+    entry of a list the config spells out is addressed by its index (``features.user.1.embedding_dim=8``)."""
+    result = _unshared(raw or {})
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        node = result
+        node: Any = result
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            child = node.get(part)
-            # A null section (``early_stopping: null``, as every resolved config.yaml spells an unset
-            # optional section) is an empty one to override into, not an error: validation decides.
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
+            if isinstance(node, list):  # an entry of a list the config spells out: features.user.1.name
+                child = node[_list_index(node, part, item)]
+            else:
+                child = node.get(part)
+                # A null section (``early_stopping: null``, as every resolved config.yaml spells an unset
+                # optional section) is an empty one to override into, not an error: validation decides.
+                if child is None:
+                    child = node[part] = {}
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
+        slot = _list_index(node, parts[-1], item) if isinstance(node, list) else parts[-1]
         try:
-            node[parts[-1]] = _load_yaml(value)
+            node[slot] = _load_yaml(value)
         except yaml.YAMLError as exc:  # e.g. "layers=[64," - an error naming the override, not a traceback
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from None
     return result

@@ -233,11 +233,18 @@ def _check_resumable(config: RunConfig, run_dir: Path) -> bool:
     """Refuse (ConfigError) a resume whose checkpoint was trained on another config or data; False when
     there is nothing to resume from (training starts afresh)."""
     saved_path = run_dir / "config.yaml"
-    if not (run_dir / "checkpoints" / "last.json").exists() or not saved_path.exists():
+    if not (run_dir / "checkpoints" / "last.json").exists():
         # Nothing to resume from (e.g. stopped before its first checkpoint): training starts afresh,
         # as fit does - said out loud, since the user asked for something else.
         log.warning("--resume: %s has no checkpoint to resume from; training starts from scratch", run_dir)
         return False
+    if not saved_path.exists():
+        # A checkpoint of an unknown config: fit would load it unchecked (a state-dict traceback, or
+        # weights of another model) after config.yaml was written anew - refused, the checkpoint kept.
+        raise ConfigError(
+            f"cannot resume {run_dir}: it has a checkpoint but no config.yaml to check the config against; "
+            "put the run's config.yaml back, or train into a new --run-dir"
+        )
     saved = config_to_dict(with_absolute_paths(load_config(saved_path)))
     new = config_to_dict(config)
     changed = [key for key in _RESUME_FIXED if saved[key] != new[key]]
