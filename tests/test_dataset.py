@@ -361,3 +361,15 @@ def test_a_side_without_an_id_feature_builds(tmp_path):
     config.features.user = [s for s in config.features.user if s.type != "id"]
     data = build_retrieval_data(config)
     assert list(data.user_table) == ["age"] and len(data.user_table["age"]) == data.num_users
+
+
+@pytest.mark.parametrize(
+    ("rows", "batch_size", "drop_last", "expected"),
+    [(10, 4, False, 3), (9, 4, False, 2), (9, 4, True, 2), (8, 4, False, 2), (1, 4, False, 0)],
+)
+def test_batch_count_is_the_number_of_batches_iterate_batches_yields(rows, batch_size, drop_last, expected):
+    from twotower.data.dataset import Interactions, batch_count
+
+    data = Interactions(torch.arange(rows), torch.arange(rows))
+    assert batch_count(rows, batch_size, drop_last) == expected  # 9 rows in 4s: the 1-row tail is skipped
+    assert len(list(iterate_batches(data, batch_size, seed=0, epoch=1, drop_last=drop_last))) == expected

@@ -44,7 +44,13 @@ from twotower.config import (
     with_absolute_paths,
 )
 from twotower.data import movielens
-from twotower.data.dataset import Interactions, RetrievalData, build_retrieval_data, iterate_batches
+from twotower.data.dataset import (
+    Interactions,
+    RetrievalData,
+    batch_count,
+    build_retrieval_data,
+    iterate_batches,
+)
 from twotower.data.prefetch import prefetched
 from twotower.evaluate import PROTOCOLS, evaluate_embeddings, result_keys
 from twotower.history import history_csr
@@ -186,6 +192,7 @@ def _train_run(
         validate=validate,
         resume=resume,
         progress=progress,
+        batches_per_epoch=batch_count(len(data.train), config.train.batch_size),
     )
     metrics: dict[str, Any] = {}
     if main:  # evaluation and files on rank 0; the others wait in broadcast_json for its metrics

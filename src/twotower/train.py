@@ -76,6 +76,7 @@ def fit(
     validate: Validate | None = None,
     resume: bool = False,
     progress: bool = True,
+    batches_per_epoch: int | None = None,
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best weights when early stopping is on.
 
@@ -125,6 +126,7 @@ def fit(
         bar = tqdm(
             batches(epoch),
             desc=f"epoch {epoch}/{config.epochs}",
+            total=batches_per_epoch,  # the bar's length and time left; None: a count only
             disable=not (progress and main),
             leave=False,
             unit="batch",

@@ -181,6 +181,12 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
     )
 
 
+def batch_count(rows: int, batch_size: int, drop_last: bool = False) -> int:
+    """How many batches :func:`iterate_batches` yields per epoch over ``rows`` rows (a progress total)."""
+    full, tail = divmod(rows, batch_size)
+    return full + (0 if drop_last or tail < 2 else 1)  # a 1-row tail is skipped: no negative for it
+
+
 def iterate_batches(
     data: Interactions, batch_size: int, seed: int, epoch: int, drop_last: bool = False
 ) -> Iterator[dict[str, Tensor]]:
