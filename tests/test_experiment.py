@@ -171,6 +171,33 @@ def test_training_again_into_a_run_removes_what_described_the_old_weights(tmp_pa
     assert {"metrics.json", "history.json", "model.safetensors", "config.yaml"} <= left
 
 
+def test_an_evaluation_that_fails_after_training_keeps_the_trained_model(tmp_path, monkeypatch):
+    import twotower.experiment as experiment
+    from twotower.recommender import Retriever
+
+    fit, evaluate, trained = experiment.fit, experiment.evaluate_model, []
+
+    def fit_then_mark(*args, **kwargs):
+        result = fit(*args, **kwargs)
+        trained.append(True)
+        return result
+
+    def out_of_memory_after_training(*args, **kwargs):  # validation during training still runs
+        if trained:
+            raise MemoryError("evaluation over a large catalogue")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "fit", fit_then_mark)
+    monkeypatch.setattr(experiment, "evaluate_model", out_of_memory_after_training)
+    run_dir = tmp_path / "run"
+    with pytest.raises(MemoryError):
+        train_run(tiny_config(epochs=1), run_dir, progress=False)
+    assert not (run_dir / "metrics.json").exists()
+    assert (run_dir / "history.json").exists()
+    retriever = Retriever.load(run_dir)  # the trained weights are there, and serve
+    assert retriever.recommend(retriever.user_ids[:1], k=3)[0].shape == (1, 3)
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_resuming_with_another_model_is_a_config_error_that_keeps_the_runs_config(tmp_path):
     from twotower.config import ConfigError

@@ -196,8 +196,6 @@ def _train_run(
     )
     metrics: dict[str, Any] = {}
     if main:  # evaluation and files on rank 0; the others wait in broadcast_json for its metrics
-        metrics = evaluate_model(model, config.eval.protocol, data.train, data.test, config.eval.ks)
-        metrics.update(_fit_summary(result, time.perf_counter() - t0))
         # `recommend` / `serve` use RUN_DIR/export when it exists: one built from the previous weights
         # (before --resume, or a run trained again into the same directory) would be served silently.
         # It is derived data, re-exported on first use.
@@ -206,8 +204,12 @@ def _train_run(
             log.info("removing %s: it was exported from the previous weights", stale_export)
             shutil.rmtree(stale_export)
         remove_stale_results(run_dir)
+        # The model first: an evaluation that fails (memory on a large catalogue, an interrupt, the
+        # other ranks' collective timing out while rank 0 evaluates) must not lose the trained weights.
         save_model(model, data, config, run_dir)
         write_json(run_dir / "history.json", result.history)
+        metrics = evaluate_model(model, config.eval.protocol, data.train, data.test, config.eval.ks)
+        metrics.update(_fit_summary(result, time.perf_counter() - t0))
         write_json(run_dir / "metrics.json", metrics)
     return distributed.broadcast_json(metrics)
 
