@@ -23,6 +23,7 @@ tower of a :class:`~twotower.ranking.DebiasedRanker` when the run has one (``run
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -237,12 +238,14 @@ def fit_run_ranker(
     model.relevance.scale.copy_(torch.where(std > 1e-6, 1.0 / std, 1.0))  # constant: nothing to scale
     del features
     validation = validate if n_valid else None
+    per_epoch = math.ceil(len(train) / config.train.batch_size)  # every batch of `batches`, the tail too
     if checkpoints is None:
         with tempfile.TemporaryDirectory(prefix="twotower-ranker-") as tmp:  # checkpoints are not kept
-            result = fit(model, batches, config.train, Path(tmp), validation, progress=progress)
+            result = fit(model, batches, config.train, Path(tmp), validation, progress=progress,
+                         batches_per_epoch=per_epoch)  # fmt: skip
     else:
         resume = _checkpoints(checkpoints, _fingerprint(path, config, retrieval_sha256), resume)
-        result = fit(model, batches, config.train, checkpoints, validation, resume, progress)
+        result = fit(model, batches, config.train, checkpoints, validation, resume, progress, per_epoch)
     model.eval()
 
     summary = {
