@@ -192,6 +192,24 @@ def test_float16_underflowed_positive_keeps_the_exact_loss():
     assert torch.isfinite(query.grad).all() and torch.isfinite(cand.grad).all()
 
 
+@pytest.mark.parametrize("distinct_ids", [False, True])
+def test_all_zero_weights_give_an_attached_zero_in_float16_too(distinct_ids):
+    # sum(w * l) / max(sum(w), floor): a floor of 1e-12 is 0 in float16, and 0 / 0 was NaN.
+    from twotower.unique_softmax import unique_inbatch_softmax
+
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float16, requires_grad=True)
+    cand = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float16)
+    weight = torch.zeros(2, dtype=torch.float16)
+    if distinct_ids:
+        rows, counts = torch.tensor([0, 1]), torch.ones(2)
+        got = unique_inbatch_softmax(query, rows, cand, rows, counts, 0.1, weight=weight)
+    else:
+        got = inbatch_softmax(query, cand, 0.1, weight=weight)
+    assert got.item() == 0.0
+    got.backward()
+    assert torch.equal(query.grad, torch.zeros_like(query))
+
+
 def test_the_workspace_keeps_one_buffer_whatever_the_shapes():
     # The distinct-id softmax asks for a new [users, items] shape every step: memory must stay that of
     # the largest step, not grow with the number of shapes seen.

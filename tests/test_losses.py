@@ -205,6 +205,14 @@ def test_weights_by_hand():
 
 
 @pytest.mark.parametrize(("loss", "kw"), ALL)
+def test_all_zero_weights_give_zero_in_float16_as_in_float32(loss, kw):
+    # The denominator's floor was 1e-12, which is 0 in float16: 0 / 0 = NaN.
+    for dtype in (torch.float32, torch.float16):
+        got = loss(POS.to(dtype), NEG.to(dtype), weight=torch.zeros(2, dtype=dtype), **kw)
+        assert got.item() == 0.0, dtype
+
+
+@pytest.mark.parametrize(("loss", "kw"), ALL)
 def test_weights_generic(loss, kw):
     per_anchor = [loss(POS[i : i + 1], NEG[i : i + 1], **kw).item() for i in range(2)]
     w = torch.tensor([0.25, 2.0])

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from twotower.losses import weighted_mean
+
 __all__ = ["accidental_hits", "inbatch_softmax", "is_plain_inbatch"]
 
 
@@ -199,10 +201,7 @@ def inbatch_softmax(
     empty = torch.zeros(0, dtype=torch.long, device=query.device)
     hits = accidental_hits(candidate_ids, positive_column) if candidate_ids is not None else (empty, empty)
     losses = _SoftmaxRows.apply(scaled, candidates, positive_column, hits)
-    if weight is None:
-        return losses.mean()
-    weight = weight.to(losses)
-    return (losses * weight).sum() / weight.sum().clamp_min(1e-12)
+    return weighted_mean(losses, weight)
 
 
 def is_plain_inbatch(task: Any) -> bool:

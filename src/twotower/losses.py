@@ -39,6 +39,7 @@ __all__ = [
     "pointwise_cosine_mse",
     "triplet_hinge",
     "triplet_logistic",
+    "weighted_mean",
 ]
 
 
@@ -57,14 +58,20 @@ def _valid_mask(pos: Tensor, neg: Tensor, neg_mask: Tensor | None) -> Tensor:
     return neg_mask
 
 
-def _reduce(losses: Tensor, weight: Tensor | None) -> Tensor:
-    """sum_i w_i * l_i / sum_i w_i, or the mean of ``losses`` when ``weight`` is None."""
+def weighted_mean(losses: Tensor, weight: Tensor | None) -> Tensor:
+    """sum_i w_i * l_i / sum_i w_i, or the mean of ``losses`` when ``weight`` is None; 0 when every
+    weight is 0. The denominator's floor is at least the dtype's smallest normal number: 1e-12 is 0 in
+    float16, where all-zero weights would give 0 / 0 = NaN."""
     if weight is None:
         return losses.mean()
-    if weight.shape != losses.shape:
-        raise ValueError(f"weight must be [B] = {tuple(losses.shape)}, got {tuple(weight.shape)}")
     weight = weight.to(losses)
-    return (losses * weight).sum() / weight.sum().clamp_min(1e-12)
+    return (losses * weight).sum() / weight.sum().clamp_min(max(1e-12, torch.finfo(losses.dtype).tiny))
+
+
+def _reduce(losses: Tensor, weight: Tensor | None) -> Tensor:
+    if weight is not None and weight.shape != losses.shape:
+        raise ValueError(f"weight must be [B] = {tuple(losses.shape)}, got {tuple(weight.shape)}")
+    return weighted_mean(losses, weight)
 
 
 def _masked_sum(values: Tensor, mask: Tensor) -> Tensor:

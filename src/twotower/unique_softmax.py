@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from twotower.inbatch_loss import _WORKSPACE, _tiny
+from twotower.losses import weighted_mean
 
 __all__ = ["unique_inbatch_softmax"]
 
@@ -75,10 +76,7 @@ def unique_inbatch_softmax(
     losses = _UniqueSoftmax.apply(
         scaled, columns, query_of_row, positive_of_row, count, remove_accidental_hits
     )
-    if weight is None:
-        return losses.mean()
-    weight = weight.to(losses)
-    return (losses * weight).sum() / weight.sum().clamp_min(1e-12)
+    return weighted_mean(losses, weight)
 
 
 class _UniqueSoftmax(torch.autograd.Function):
