@@ -75,16 +75,8 @@ def export_run(
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "export"
     _check_destination(run_dir, out)
-    # Hashed before and after the load: the manifest's hash must name the weights the export was
-    # computed from, or weights replaced meanwhile (a retrain into this run) would pass every later
-    # staleness check while the old embeddings are served.
-    retrieval_sha256 = sha256_file(run_dir / "model.safetensors")
-    retriever = Retriever.load(run_dir)
-    if sha256_file(run_dir / "model.safetensors") != retrieval_sha256:
-        raise RuntimeError(
-            f"{run_dir / 'model.safetensors'} changed while it was being loaded (is a training writing "
-            "into this run?); export again once it has finished"
-        )
+    # The manifest's hash must name the weights the export was computed from: staleness checks trust it.
+    retriever, retrieval_sha256 = Retriever.load_pinned(run_dir)
     model, config = retriever.model, retriever.config
     meta = read_json(run_dir / "model.json")
     user_encoder = FeatureEncoder.from_dict(meta["user_encoder"])
@@ -283,7 +275,7 @@ def resolve_export(path: str | Path, index: IndexConfig | None = None) -> Path:
 
 def stale_export_reason(run_dir: Path, export: Path, index: IndexConfig | None = None) -> str | None:
     """Why ``export`` no longer matches the run in ``run_dir``, or None when it still does."""
-    from twotower.run_ranker import STAGES, sha256_file
+    from twotower.run_ranker import STAGES
 
     try:
         manifest = read_json(export / "manifest.json")

@@ -23,7 +23,7 @@ from twotower.experiment import build_model, evaluate_model
 from twotower.features import FeatureEncoder
 from twotower.ids import IdLookup
 from twotower.retrieval import TwoTowerModel
-from twotower.storage import load_tensors, read_json, write_json
+from twotower.storage import load_tensors, read_json, sha256_file, write_json
 from twotower.task_config import build_task
 from twotower.topk import CSR
 
@@ -43,6 +43,21 @@ class Retriever:
     item_titles: list[str | None] | None
     seen: CSR  # training items of each user index
     run_dir: Path
+
+    @classmethod
+    def load_pinned(cls, run_dir: str | Path) -> tuple[Retriever, str]:
+        """The run's retriever and the SHA-256 of the weights it was loaded from. Hashed before and
+        after the load: weights replaced meanwhile (a training writing into the run) are an error, not
+        an export or ranker filed under the new weights' hash while computed from the old ones."""
+        weights = Path(run_dir) / "model.safetensors"
+        sha256 = sha256_file(weights)
+        retriever = cls.load(run_dir)
+        if sha256_file(weights) != sha256:
+            raise RuntimeError(
+                f"{weights} changed while it was being loaded (is a training writing into this run?); "
+                "try again once it has finished"
+            )
+        return retriever, sha256
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Retriever:

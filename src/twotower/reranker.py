@@ -126,16 +126,7 @@ def fit_run_ranker(
     run_dir, path = Path(run_dir), Path(impressions_path)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    # The hash names the weights the ranker's features are computed with: taken before and after the
-    # load, so weights replaced meanwhile (a retrain into the same run) are an error, not a ranker filed
-    # under the new weights' hash while fitted on the old ones' embeddings.
-    retrieval_sha256 = sha256_file(run_dir / "model.safetensors")
-    retriever = Retriever.load(run_dir)
-    if sha256_file(run_dir / "model.safetensors") != retrieval_sha256:
-        raise RuntimeError(
-            f"{run_dir / 'model.safetensors'} changed while it was being loaded (is a training writing "
-            "into this run?); train the ranker again once it has finished"
-        )
+    retriever, retrieval_sha256 = Retriever.load_pinned(run_dir)  # what the features are computed with
     retriever.model.eval()
     user_emb, item_emb = retriever.model.user_embeddings(), retriever.model.item_embeddings()
     lists = read_impressions(path, config.columns, config.on_bad_rows).to_lists(config.max_position)

@@ -84,8 +84,7 @@ class _Files:
         self._zip: zipfile.ZipFile | None = None
         self._members: dict[str, str] = {}
         if path.is_dir():
-            # Accept both the data folder itself and its parent (as a zip would extract).
-            self._root = path / name if (path / name).is_dir() else path
+            self._root = self.folder_root(path, name)
         elif zipfile.is_zipfile(path):
             self._zip = zipfile.ZipFile(path)
             for member in sorted(self._zip.namelist(), key=lambda m: (m.count("/"), m)):
@@ -93,6 +92,11 @@ class _Files:
                     self._members.setdefault(member.rsplit("/", 1)[-1], member)
         else:
             raise FileNotFoundError(f"{path}: not a MovieLens folder or zip file")
+
+    @staticmethod
+    def folder_root(path: Path, name: str) -> Path:
+        """The release's folder: ``path`` itself or its ``name`` subfolder (as a zip would extract)."""
+        return path / name if (path / name).is_dir() else path
 
     def has(self, fname: str) -> bool:
         return fname in self._members if self._zip else (self._root / fname).is_file()
@@ -127,12 +131,12 @@ RELEASE_FILES: dict[str, tuple[str, ...]] = {
 
 def local_files(name: str, path: str | Path) -> list[Path]:
     """The files ``load_movielens(name, path=path)`` reads: the zip itself, or the release's files in
-    the folder (found as `_Files` finds them). Only those: a README or an unused file of the folder
+    the folder (found as the loader finds them). Only those: a README or an unused file of the folder
     (ml-25m's 415 MB genome-scores.csv) is neither read nor worth hashing."""
     source = Path(path)
     if not source.is_dir():
         return [source]
-    root = source / name if (source / name).is_dir() else source
+    root = _Files.folder_root(source, name)
     return [root / fname for fname in RELEASE_FILES[name] if (root / fname).is_file()]
 
 
