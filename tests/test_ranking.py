@@ -75,7 +75,9 @@ def test_ipw_and_oracle_losses_by_hand():
 
 def test_bias_dropout_is_active_in_training_only():
     torch.manual_seed(0)
-    model = DebiasedRanker(2, 0, 3, {"device": 2}, RankerConfig(combination="additive", bias_dropout=0.5))
+    config = RankerConfig(combination="additive")
+    assert (config.position_dropout, config.bias_dropout) == (0.1, 0.5)  # the defaults are on
+    model = DebiasedRanker(2, 0, 3, {"device": 2}, config)
     n = 4000
     batch = {
         "features": torch.randn(n, 3, 2),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from twotower.ranking import RankerConfig
 from twotower.run_ranker import (
     RANKER_DIR,
     RankerFormatError,
@@ -49,6 +50,17 @@ def test_config_needs_a_user_column_and_a_servable_ranker():
         RunRankerConfig.model_validate({"ranker": {"position_feature": True}})
     default = RunRankerConfig()
     assert default.columns.user == "user_id" and default.ranker.combination == "pal"
+
+
+def test_the_run_ranker_trains_without_bias_dropouts_unless_asked():
+    # RankerConfig's own defaults are .1 / .5; a run's ranker turns both off (see RunRankerConfig), and a
+    # ranker section given in part keeps that, while a rate that is set is taken.
+    assert (RankerConfig().position_dropout, RankerConfig().bias_dropout) == (0.1, 0.5)
+    for given in ({}, {"ranker": {"layers": [8]}}):
+        ranker = RunRankerConfig.model_validate(given).ranker
+        assert (ranker.position_dropout, ranker.bias_dropout) == (0.0, 0.0)
+    asked = RunRankerConfig.model_validate({"ranker": {"bias_dropout": 0.5}}).ranker
+    assert (asked.position_dropout, asked.bias_dropout, asked.combination) == (0.0, 0.5, "pal")
 
 
 def _fake_run(tmp_path: Path) -> Path:

@@ -57,6 +57,15 @@ def test_the_bias_tower_recovers_the_planted_curve():
     assert curves["desktop"][0] == pytest.approx(1.0)
 
 
+def test_method_names_fix_their_dropouts_whatever_the_shared_section_says():
+    shared = {"position_dropout": 0.3, "bias_dropout": 0.3, "layers": [4]}
+    rates = {m: (c.position_dropout, c.bias_dropout, c.layers) for m in METHODS
+             for c in [method_config(m, shared)] if c.combination != "none"}  # fmt: skip
+    assert rates["two-tower-pal"] == rates["two-tower-additive"] == (0.0, 0.0, [4])
+    assert rates["two-tower-pal+position-dropout"] == (0.1, 0.0, [4])
+    assert rates["two-tower-additive+bias-dropout"] == (0.0, 0.5, [4])
+
+
 def test_two_towers_beat_naive_under_a_misleading_logging_policy(planted):
     train, test, log, test_log, cfg, truth = planted
     model = train_ranker("two-tower-pal", train, log, cfg, seed=0)

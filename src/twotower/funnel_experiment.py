@@ -48,7 +48,6 @@ from twotower.demo import demo_config
 from twotower.distillation import AlignmentConfig
 from twotower.experiment import train_run
 from twotower.funnel import PROTOCOL, FunnelConfig, evaluate_funnel, oracle_rows, run_funnel
-from twotower.ranking import RankerConfig
 from twotower.recommender import Retriever
 from twotower.reranker import RunRanker, RunRankerConfig, train_run_ranker
 
@@ -92,15 +91,14 @@ class FunnelExperimentConfig(SectionDefaults):
 
 
 def _ranker_config(config: FunnelExperimentConfig, light: bool) -> RunRankerConfig:
-    ranker = RankerConfig(combination="pal", loss="clicks")
+    # The rest of the ranker section (PAL, clicks, no bias dropouts) is RunRankerConfig's defaults.
+    ranker: dict[str, Any] = {}
     if light:  # a small pointwise model: one hidden layer, no item embedding
-        ranker = RankerConfig(
-            combination="pal", loss="clicks", layers=[32], item_embedding_dim=0, dropout=0.0
-        )
+        ranker = {"layers": [32], "item_embedding_dim": 0, "dropout": 0.0}
     return RunRankerConfig.model_validate(
         {
             "columns": {"user": "user_id", "context": ["device"]},
-            "ranker": ranker.model_dump(),
+            "ranker": ranker,
             "train": {"epochs": config.ranker_epochs, "batch_size": 256, "lr": 3e-3, "seed": config.seed},
         }
     )

@@ -23,7 +23,9 @@ Batches are ``dict[str, Tensor]`` over sessions of ``N`` shown slots:
   those sessions must be explained by relevance alone, which keeps the bias tower from absorbing
   relevance when the logging policy is good. Zeroing means ``b = 0`` (so ``sigmoid(b) = 1/2`` under
   PAL); no rescaling, the bias logit is not an activation to be kept unbiased in expectation.
-  Both dropouts act only in ``train()`` mode.
+  Both dropouts act only in ``train()`` mode. Their defaults are .1 and .5 (the issue's, after Zhang et
+  al.); a run's ranker (``RunRankerConfig``) turns both off: on a log from a ranker over the same
+  features they cost nDCG (see the README's "How much bias-logit dropout?").
 
   ``adversarial`` (Zhang et al. 2023's other remedy) adds an adversary: a small MLP that predicts the
   relevance logit ``r`` (detached) from the bias logit ``b`` of the same slot, by squared error. The
@@ -70,9 +72,9 @@ class RankerConfig(BaseModel):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="relevance MLP dropout")
     item_embedding_dim: int = Field(16, ge=0, description="0: no item id embedding")
     bias_embedding_dim: int = Field(8, ge=1)
-    position_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="share of slots with position hidden")
+    position_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="share of slots with position hidden")
     bias_dropout: float = Field(
-        0.0, ge=0.0, lt=1.0, description="share of sessions with the bias logit zeroed"
+        0.5, ge=0.0, lt=1.0, description="share of sessions with the bias logit zeroed (Zhang et al. 2023)"
     )
     adversarial: float = Field(
         0.0, ge=0.0, description="gradient-reversal weight of the bias -> relevance adversary; 0: none"

@@ -63,7 +63,10 @@ __all__ = [
     "train_ranker",
 ]
 
-_PAL, _ADD = {"combination": "pal"}, {"combination": "additive"}
+# Every two-tower method names both dropout rates: the names say which regulariser is on, whatever
+# RankerConfig's defaults (.1 / .5, the issue's) or the shared `ranker` section say.
+_NO_DROPOUT = {"position_dropout": 0.0, "bias_dropout": 0.0}
+_PAL, _ADD = {"combination": "pal", **_NO_DROPOUT}, {"combination": "additive", **_NO_DROPOUT}
 METHODS: dict[str, dict] = {
     "naive": {"combination": "none"},
     "position-feature": {"combination": "none", "position_feature": True},
