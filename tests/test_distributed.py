@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,32 @@ def test_cli_nproc_launches_two_processes_through_torchrun(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 1 and metrics["recall@10"] > 0
     assert json.loads((tmp_path / "run" / "checkpoints" / "last.json").read_text())["world_size"] == 2
+
+
+def _waiting(rank: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank, WORLD, init_method=f"file://{init_file}", timeout_s=2, wait_for_main_s=120)
+    seen: dict = {}
+    try:
+        if rank == 0:
+            time.sleep(4)  # "validating": twice the collectives' timeout
+        seen["from_main"] = distributed.from_main({"epoch": 3} if rank == 0 else None)
+        if rank == 0:
+            time.sleep(4)
+        try:  # any other control message keeps the collectives' timeout
+            seen["broadcast"] = distributed.broadcast_json({"epoch": 4} if rank == 0 else None)
+        except RuntimeError as exc:
+            seen["error"] = str(exc)
+    finally:
+        (Path(out) / f"waiting.rank{rank}.json").write_text(json.dumps(seen))
+        distributed.teardown(True)
+
+
+def test_other_ranks_wait_for_rank_0s_work_past_the_collective_timeout(tmp_path):
+    # Rank 0 alone validates and evaluates (minutes on a large catalogue); the other ranks wait for it
+    # in from_main, which must outlast init's timeout_s, while other collectives still honour it.
+    mp.start_processes(_waiting, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD,
+                       start_method="spawn")  # fmt: skip
+    other = json.loads((tmp_path / "waiting.rank1.json").read_text())
+    assert other["from_main"] == {"epoch": 3}
+    assert "broadcast" not in other and "Timed out" in other["error"]

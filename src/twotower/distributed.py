@@ -42,6 +42,7 @@ __all__ = [
     "barrier",
     "batch_shards",
     "broadcast_json",
+    "from_main",
     "ensure_groups",
     "gather_rows",
     "init",
@@ -60,7 +61,14 @@ __all__ = [
     "world_size",
 ]
 
-_groups: dict[str, Any] = {}  # "gather", "cpu" and "owner" (the default group they were created for)
+# "gather", "cpu", "wait" and "owner" (the default group they were created for)
+_groups: dict[str, Any] = {}
+# How long the other ranks wait for rank 0's own work (``from_main``): per-epoch validation and the final
+# full-corpus evaluation, which on a large catalogue can outlast the collectives' timeout (30 min) and
+# must not kill the job. A rank that dies is still noticed at once (its sockets close; torchrun stops
+# the others); a rank that hangs elsewhere is still caught after ``init``'s ``timeout_s``.
+WAIT_FOR_MAIN_S = 24 * 3600.0
+_timeouts: dict[str, float] = {}  # "train" and "wait", as ``init`` was given them
 
 
 def active() -> bool:
@@ -100,12 +108,16 @@ def init(
     device: torch.device | str = "cpu",
     init_method: str = "env://",
     timeout_s: float = 1800.0,
+    wait_for_main_s: float = WAIT_FOR_MAIN_S,
 ) -> bool:
     """Join the process group (torchrun's environment by default); True when this call created it.
 
-    gloo for CPU training, nccl for CUDA. A process group that already exists is left as it is (the
-    caller owns it) and False is returned, so ``teardown`` only ever destroys what ``init`` created.
+    gloo for CPU training, nccl for CUDA. ``timeout_s`` bounds every collective but one: the other
+    ranks' wait for rank 0's validation or evaluation (``from_main``), bounded by ``wait_for_main_s``.
+    A process group that already exists is left as it is (the caller owns it) and False is returned,
+    so ``teardown`` only ever destroys what ``init`` created.
     """
+    _timeouts.update(train=timeout_s, wait=wait_for_main_s)
     if active():
         ensure_groups()
         return False
@@ -146,9 +158,13 @@ def ensure_groups() -> None:
     if _groups.get("owner") is owner:
         return
     _groups.clear()
-    _groups["gather"] = dist.new_group()
+    # new_group does not inherit the default group's timeout (it falls back to 30 min): pass them.
+    train = datetime.timedelta(seconds=_timeouts.get("train", 1800.0))
+    wait = datetime.timedelta(seconds=_timeouts.get("wait", WAIT_FOR_MAIN_S))
+    _groups["gather"] = dist.new_group(timeout=train)
     gloo = dist.get_backend() == "gloo"
-    _groups["cpu"] = _groups["gather"] if gloo else dist.new_group(backend="gloo")
+    _groups["cpu"] = _groups["gather"] if gloo else dist.new_group(backend="gloo", timeout=train)
+    _groups["wait"] = dist.new_group(backend="gloo", timeout=wait)
     _groups["owner"] = owner
 
 
@@ -165,12 +181,12 @@ def barrier() -> None:
         dist.barrier(group=_group("cpu"))
 
 
-def broadcast_json(obj: Any, src: int = 0) -> Any:
+def broadcast_json(obj: Any, src: int = 0, *, group_name: str = "cpu") -> Any:
     """``obj`` of rank ``src`` on every rank, sent as JSON text (never pickle); the object itself with
     one process. Every rank must call it; only ``src``'s ``obj`` is read."""
     if world_size() == 1:
         return obj
-    group = _group("cpu")
+    group = _group(group_name)
     if rank() == src:
         text = json.dumps(obj, default=_json_default).encode()
         buffer = torch.frombuffer(bytearray(text), dtype=torch.uint8)
@@ -182,6 +198,12 @@ def broadcast_json(obj: Any, src: int = 0) -> Any:
         buffer = torch.empty(int(length), dtype=torch.uint8)
     dist.broadcast(buffer, src=src, group=group)
     return json.loads(buffer.numpy().tobytes().decode()) if rank() != src else obj
+
+
+def from_main(obj: Any) -> Any:
+    """``broadcast_json(obj)`` from rank 0 after work that only rank 0 does (validation, evaluation):
+    the other ranks wait up to ``init``'s ``wait_for_main_s``, not the collectives' timeout."""
+    return broadcast_json(obj, 0, group_name="wait")
 
 
 def all_gather_cpu(tensor: Tensor) -> list[Tensor]:

@@ -192,7 +192,7 @@ def _train_run(
         batches_per_epoch=batch_count(len(data.train), config.train.batch_size),
     )
     metrics: dict[str, Any] = {}
-    if main:  # evaluation and files on rank 0; the others wait in broadcast_json for its metrics
+    if main:  # evaluation and files on rank 0; the others wait in from_main for its metrics
         remove_stale_results(run_dir)
         # The model first: an evaluation that fails (memory on a large catalogue, an interrupt, the
         # other ranks' collective timing out while rank 0 evaluates) must not lose the trained weights.
@@ -201,7 +201,7 @@ def _train_run(
         metrics = evaluate_model(model, config.eval.protocol, data.train, data.test, config.eval.ks)
         metrics.update(_fit_summary(result, time.perf_counter() - t0))
         write_json(run_dir / "metrics.json", metrics)
-    return distributed.broadcast_json(metrics)
+    return distributed.from_main(metrics)
 
 
 # What a run directory holds about the previous weights besides the export (rebuilt on demand): the

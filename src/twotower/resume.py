@@ -79,7 +79,7 @@ def check_resumable(config: RunConfig, run_dir: Path) -> bool:
     # The config names the same files; their content may still have been edited in place. Rank 0
     # hashes (files can be GBs: once, not once per process) and every rank gets its verdict, so all
     # of them refuse together.
-    edited = distributed.broadcast_json(_changed_data(config, run_dir) if distributed.is_main() else None)
+    edited = distributed.from_main(_changed_data(config, run_dir) if distributed.is_main() else None)
     if edited:
         raise ConfigError(
             f"cannot resume {run_dir}: {'; '.join(edited)} since the run started (its checkpoint was "

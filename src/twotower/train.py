@@ -168,7 +168,7 @@ def fit(
             "examples_per_s": n_examples / max(seconds, 1e-9),
             "seconds": seconds,
         }
-        if main:  # the other ranks wait in broadcast_json below
+        if main:  # the other ranks wait in from_main below
             if validate is not None:
                 model.eval()
                 with torch.no_grad():  # a validate callback need not remember to turn autograd off
@@ -181,7 +181,7 @@ def fit(
             if progress:
                 tqdm.write(f"epoch {epoch}: {_format_record(record)}")
         # Rank 0's record and early-stopping decision, on every rank (the object itself with one process).
-        state = distributed.broadcast_json(state)
+        state = distributed.from_main(state)
         save_checkpoint(ckpt_dir / "last", model, optimizer, state)
 
     restored = stopping is not None and state["best_epoch"] is not None
