@@ -332,7 +332,7 @@ def test_a_log_shown_only_below_max_position_says_so(planted, tmp_path):
         fit_run_ranker(planted.run_dir, path, _config())
 
 
-def test_an_interrupted_ranker_training_resumes_where_it_stopped(planted, tmp_path, caplog):
+def test_an_interrupted_ranker_training_resumes_where_it_stopped(planted, tmp_path):
     path = planted.write_csv(tmp_path / "log.csv", planted.simulate(300, 5))
     sim = planted.simulate(50, 6)
     straight, _ = fit_run_ranker(planted.run_dir, path, _config(epochs=2))
@@ -341,11 +341,21 @@ def test_an_interrupted_ranker_training_resumes_where_it_stopped(planted, tmp_pa
     resumed, summary = fit_run_ranker(planted.run_dir, path, _config(epochs=2), checkpoints=ckpt, resume=True)
     assert summary["epochs"] == 2
     torch.testing.assert_close(planted.score(resumed, sim), planted.score(straight, sim))
-    # A checkpoint of another log is not resumed: a warning, and training starts from scratch.
+    # Checkpoints of another log or config are not resumed: refused, saying what differs, and kept.
     other = planted.write_csv(tmp_path / "other.csv", planted.simulate(300, 7))
-    with caplog.at_level("WARNING", logger="twotower"):
-        _, fresh = fit_run_ranker(planted.run_dir, other, _config(epochs=1), checkpoints=ckpt, resume=True)
-    assert "trained on another log" in caplog.text and fresh["epochs"] == 1
+    kept = sorted(p.name for p in ckpt.iterdir())
+    with pytest.raises(ValueError, match=r"differing: the impression log .*; train without --resume"):
+        fit_run_ranker(planted.run_dir, other, _config(epochs=1), checkpoints=ckpt, resume=True)
+    with pytest.raises(ValueError, match=r"differing: config ranker\.combination, train\.batch_size;"):
+        fit_run_ranker(planted.run_dir, path, _config("additive", epochs=3, batch_size=32), checkpoints=ckpt,
+                       resume=True)  # fmt: skip
+    assert sorted(p.name for p in ckpt.iterdir()) == kept
+    (ckpt / "fingerprint.json").write_text("{not json")
+    with pytest.raises(ValueError, match="fingerprint.json is unreadable"):
+        fit_run_ranker(planted.run_dir, path, _config(epochs=2), checkpoints=ckpt, resume=True)
+    # Without --resume the same folder is replaced and training starts over.
+    _, fresh = fit_run_ranker(planted.run_dir, other, _config(epochs=1), checkpoints=ckpt)
+    assert fresh["epochs"] == 1
     # train_run_ranker keeps its checkpoints beside the ranker until the ranker is saved.
     run = tmp_path / "run"
     shutil.copytree(planted.run_dir, run)

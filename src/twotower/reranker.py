@@ -91,18 +91,50 @@ def _fingerprint(log_path: Path, config: RunRankerConfig, retrieval_sha256: str)
     return {"log_sha256": sha256_file(log_path), "retrieval_sha256": retrieval_sha256, "config": resolved}
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def _mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between the fingerprint of a checkpoint and that of this training, in words."""
+    out = []
+    if saved.get("log_sha256") != now["log_sha256"]:
+        out.append("the impression log (another file, or edited since)")
+    if saved.get("retrieval_sha256") != now["retrieval_sha256"]:
+        out.append("the run's retrieval weights")
+    old, new = _flat(saved.get("config", {})), _flat(now["config"])
+    keys = sorted(k.rstrip(".") for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if keys:
+        out.append("config " + ", ".join(keys))
+    return out
+
+
 def _checkpoints(where: Path, fingerprint: dict[str, Any], resume: bool) -> bool:
-    """Prepare the checkpoint folder; True when training continues from what is in it."""
+    """Prepare the checkpoint folder; True when training continues from what is in it.
+
+    Resuming from checkpoints of another log, retrieval model or config is refused (a ValueError
+    naming what differs, the checkpoints kept), as ``train --resume`` refuses: the user asked to
+    continue, and silently starting over would throw away the training done."""
     mark = where / "fingerprint.json"
     if resume and mark.exists():
         try:
-            same = read_json(mark) == fingerprint
-        except ValueError:  # a damaged mark: nothing in the folder can be trusted
-            same = False
-        if same:
+            saved = read_json(mark)
+        except ValueError as exc:  # a damaged mark: nothing in the folder can be trusted
+            raise ValueError(
+                f"cannot resume from {where}: its fingerprint.json is unreadable ({exc}); delete the "
+                "folder, or train without --resume"
+            ) from exc
+        differs = _mismatch(saved, fingerprint)
+        if not differs:
             return True
-        log.warning("%s was trained on another log, config or retrieval model: training from scratch", where)
-    elif resume:
+        raise ValueError(
+            f"cannot resume from {where}: its checkpoints were trained on other data or settings; differing: "
+            f"{'; '.join(differs)}; "
+            "train without --resume to start over (the checkpoints are then replaced)"
+        )
+    if resume:
         log.warning("no ranker checkpoint in %s: training from scratch", where)
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
@@ -121,8 +153,8 @@ def fit_run_ranker(
     """Train a ranker for the run on the impression log without saving it: ``(ranker, summary)``.
 
     ``checkpoints``: a folder for the epoch checkpoints (default: a temporary one, dropped); with
-    ``resume``, training continues from the last checkpoint there when it was made from the same log,
-    retrieval weights and config (else it starts from scratch, with a warning)."""
+    ``resume``, training continues from the last checkpoint there, which must have been made from the
+    same log, retrieval weights and config (else a ValueError says what differs)."""
     run_dir, path = Path(run_dir), Path(impressions_path)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
