@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from twotower.data.click_log import (
+    ClickLog,
     LoggingPolicyConfig,
     SimulationConfig,
     _top_n,
@@ -85,6 +86,26 @@ def test_randomised_sessions_estimate_the_examination_curve():
     assert estimated == pytest.approx(truth, abs=0.03)
     with pytest.raises(ValueError, match="randomised sessions"):
         estimate_propensities(log.take(np.flatnonzero(~log.randomized)))
+
+
+def test_propensities_compare_rank_k_with_rank_1_over_the_sessions_that_show_rank_k():
+    # 20 randomised sessions of a two-document query: rank 1 clicked 10 times, rank 2 five times,
+    # so theta(2) / theta(1) = 5 / 10. 20 more of a one-document query (rank 2 empty), its
+    # document clicked every time. Rank 2 never shows that document, so it must not count at rank
+    # 1 either: comparing with rank 1 over all 40 sessions gave (5 / 20) / (30 / 40) = 1 / 3.
+    full, short = 20, 20
+    docs = np.r_[np.tile([[0, 1]], (full, 1)), np.tile([[2, -1]], (short, 1))]
+    clicks = np.zeros(docs.shape, dtype=np.float32)
+    clicks[:10, 0] = 1.0
+    clicks[10:15, 1] = 1.0
+    clicks[full:, 0] = 1.0
+    s = full + short
+    log = ClickLog(
+        query=np.r_[np.zeros(full, np.int64), np.ones(short, np.int64)], docs=docs,
+        device=np.zeros(s, np.int64), clicks=clicks, examination=np.zeros(docs.shape),
+        labels=np.where(docs >= 0, 0, -1), randomized=np.ones(s, dtype=bool), device_names=["all"],
+    )  # fmt: skip
+    assert estimate_propensities(log).tolist() == [[1.0, 0.5]]
 
 
 def test_ties_in_the_logging_score_keep_document_order():

@@ -176,8 +176,11 @@ def simulate_click_log(
 def estimate_propensities(log: ClickLog, min_sessions: int = 20) -> np.ndarray:
     """Examination per (device, rank) relative to rank 1, [devices, N], from the RandTop-N sessions.
 
-    Under random order every rank sees the same mix of documents, so CTR(k) / CTR(1) estimates
-    theta(k) / theta(1). A device with fewer than ``min_sessions`` randomised sessions borrows the
+    Under random order every shown rank of a session sees the same mix of that session's documents,
+    so over the sessions that show rank k, CTR(k) / CTR(1) estimates theta(k) / theta(1). Rank 1's
+    CTR is taken over those same sessions: a query with fewer than N documents fills only its first
+    ranks, and comparing rank k with rank 1 over all sessions would mix its documents into rank 1
+    but not into rank k. A device with fewer than ``min_sessions`` randomised sessions borrows the
     pooled estimate; ratios are clipped to [0.01, 1] (IPW weights stay bounded).
     """
     n_dev = len(log.device_names)
@@ -188,10 +191,12 @@ def estimate_propensities(log: ClickLog, min_sessions: int = 20) -> np.ndarray:
         )
 
     def curve(sessions: np.ndarray) -> np.ndarray:
-        clicks = (log.clicks[sessions] * log.mask[sessions]).sum(axis=0)
-        shown = np.maximum(log.mask[sessions].sum(axis=0), 1)
-        ctr = clicks / shown
-        return np.clip(ctr / max(ctr[0], 1e-12), 0.01, 1.0)
+        mask = log.mask[sessions]
+        clicks = log.clicks[sessions] * mask
+        shown = np.maximum(mask.sum(axis=0), 1)
+        ctr = clicks.sum(axis=0) / shown
+        first = (clicks[:, :1] * mask).sum(axis=0) / shown  # rank 1's CTR where rank k is shown
+        return np.clip(ctr / np.maximum(first, 1e-12), 0.01, 1.0)
 
     pooled = curve(rand)
     out = np.empty((n_dev, log.docs.shape[1]))
