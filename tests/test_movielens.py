@@ -20,6 +20,7 @@ import pytest
 from twotower.data import movielens
 from twotower.data.errors import ChecksumError, DataError
 from twotower.data.movielens import load_movielens
+from twotower.data.movielens_files import MovieLensFiles
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -276,13 +277,13 @@ def test_local_files_are_the_files_the_loader_reads(tmp_path: Path, monkeypatch:
     # A run fingerprints local_files to refuse a resume on edited data: a file the loader reads but
     # RELEASE_FILES misses would be edited unnoticed.
     opened: list[str] = []
-    real_open = movielens._Files.open
+    real_open = MovieLensFiles.open
 
-    def spy(self: movielens._Files, fname: str):  # returns open's context manager
+    def spy(self: MovieLensFiles, fname: str):  # returns open's context manager
         opened.append(fname)
         return real_open(self, fname)
 
-    monkeypatch.setattr(movielens._Files, "open", spy)
+    monkeypatch.setattr(MovieLensFiles, "open", spy)
     releases = {
         "ml-100k": {k.split("/", 1)[1]: v for k, v in fake_100k().items()},
         "ml-1m": {
@@ -306,3 +307,54 @@ def test_local_files_are_the_files_the_loader_reads(tmp_path: Path, monkeypatch:
         assert all(p.parent == folder for p in movielens.local_files(name, tmp_path / name))
     archive = make_zip(tmp_path / "ml-100k.zip", fake_100k())
     assert movielens.local_files("ml-100k", archive) == [archive]  # its members are read from it
+
+
+def test_a_row_wider_than_the_layout_is_an_error_not_a_column_shift(tmp_path: Path) -> None:
+    # Every row with a fifth field: pandas took the first field as the index, so user 1 rated as
+    # user 10 item 4 with rating 900, silently. Now the first such row is located.
+    path = make_zip(tmp_path / "ml-100k.zip", fake_100k("1\t10\t4\t900\t7\n2\t11\t5\t800\t8\n"))
+    with pytest.raises(DataError) as info:
+        load_movielens("ml-100k", path=path)
+    assert str(info.value) == f"{path}:ml-100k/u.data, line 1 (row 1): expected 4 fields, saw 5"
+    # Only a later row too wide: located too (pandas' own error did not give the row).
+    path = make_zip(tmp_path / "late.zip", fake_100k("1\t10\t4\t900\n\n2\t11\t5\t800\t8\n"))
+    with pytest.raises(DataError) as info:
+        load_movielens("ml-100k", path=path)
+    assert (info.value.row, info.value.line, info.value.reason) == (2, 3, "expected 4 fields, saw 5")
+    # ml-20m's CSV with an extra column in every row: the header names 4, the rows hold 5.
+    folder = tmp_path / "ml-20m"
+    folder.mkdir()
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,5,x\n2,10,3.0,6,y\n")
+    (folder / "movies.csv").write_text('movieId,title,genres\n10,"A, B (2000)",Drama\n')
+    with pytest.raises(DataError) as info:
+        load_movielens("ml-20m", path=folder)
+    assert (info.value.row, info.value.line, info.value.reason) == (1, 2, "expected 4 fields, saw 5")
+
+
+def test_trailing_separators_are_harmless(tmp_path: Path) -> None:
+    # A trailing tab (an extra, empty field) on every row keeps every value where it belongs.
+    data = load_movielens(
+        "ml-100k", path=make_zip(tmp_path / "a.zip", fake_100k("3\t10\t4\t900\t\n1\t11\t5\t800\t\n"))
+    )
+    assert data.interactions.to_numpy().tolist() == [[3, 10, 4, 900], [1, 11, 5, 800]]
+    folder = tmp_path / "ml-25m"
+    folder.mkdir()
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,5,\n2,10,3.0,6,\n")
+    (folder / "movies.csv").write_text('movieId,title,genres\n10,"A, B (2000)",Drama\n')
+    data = load_movielens("ml-25m", path=folder)
+    assert data.interactions.to_numpy().tolist() == [[1, 10, 4, 5], [2, 10, 3, 6]]
+    assert data.items["title"].tolist() == ["A, B (2000)"]
+
+
+def test_ml1m_unknown_code_after_a_blank_line_names_the_physical_line(tmp_path: Path) -> None:
+    path = make_zip(
+        tmp_path / "ml-1m.zip",
+        {
+            "ratings.dat": "1::10::3::5\n",
+            "movies.dat": "10::X::Drama\n",
+            "users.dat": "1::F::1::0::1\n\n2::M::7::0::1\n",
+        },
+    )
+    with pytest.raises(DataError) as info:
+        load_movielens("ml-1m", path=path)
+    assert (info.value.row, info.value.line, info.value.column) == (2, 3, "age")

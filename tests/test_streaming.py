@@ -168,3 +168,24 @@ def test_a_negative_seed_is_refused_by_the_config_naming_it():
     # numpy's generators take no negative seed: it was "expected non-negative integer" at the first batch
     with pytest.raises(ValidationError, match="seed"):
         StreamConfig(seed=-1)
+
+
+def test_a_null_in_one_of_many_files_names_the_file_row_group_and_row(tmp_path: Path):
+    # Among many part files, "column 'item' has 1 null value(s)" did not say where the null was.
+    good = tmp_path / "part0.parquet"
+    pq.write_table(pa.table({"row": np.arange(100, dtype=np.int64), "item": np.arange(100)}), good)
+    bad = tmp_path / "part1.parquet"
+    items = pa.array([7, 8, 9, 10, None, 12], pa.int64())
+    pq.write_table(
+        pa.table({"row": np.arange(100, 106, dtype=np.int64), "item": items}), bad, row_group_size=3
+    )
+    stream = ParquetStream([good, bad], StreamConfig(columns={"row": "row", "item": "item"}, batch_size=4))
+    with pytest.raises(ValueError) as info:
+        list(stream.epoch(0))
+    message = str(info.value)
+    assert message.startswith(f"{bad}, row group 1, column 'item' has 1 null value(s)")
+    assert "(the first in row 5 of the file)" in message  # row group 0 holds rows 1-3
+    text = tmp_path / "text.parquet"
+    pq.write_table(pa.table({"row": np.arange(3, dtype=np.int64), "user": ["a", "b", "c"]}), text)
+    with pytest.raises(TypeError, match=rf"^{text}, row group 0, column 'user' holds string"):
+        list(ParquetStream(text, StreamConfig(columns={"user": "user"})).epoch(0))

@@ -8,28 +8,26 @@ Output (see `MovieLensData`): interactions in FILE ORDER - benchmark splits of m
 order of ``u.data`` - with int64 ids, float64 ratings and int64 Unix-second timestamps; a users table
 (ml-100k and ml-1m only) and an items table with a ``|``-joined genre string and a release year.
 Malformed files raise `DataError` naming the file (``archive.zip:member`` inside a zip), the line
-and the column.
+and the column; reading the files (folder or zip, typed columns, located errors) is
+`twotower.data.movielens_files`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
 import re
 import urllib.request
-import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from twotower.data.errors import ChecksumError, DataError
+from twotower.data.movielens_files import MovieLensFiles, line_of, read_delimited
 from twotower.storage import temp_file_beside
 
 MovieLensName = Literal["ml-100k", "ml-1m", "ml-20m", "ml-25m"]
@@ -73,52 +71,6 @@ class MovieLensData:
     items: pd.DataFrame  # item_id, title, genres ("|"-joined, "" for none), year (float, NaN unknown)
 
 
-# --- where the files are --------------------------------------------------------------------------
-
-
-class _Files:
-    """Uniform read access to a MovieLens folder or zip (members found by base name)."""
-
-    def __init__(self, path: Path, name: str) -> None:
-        self.path = path
-        self._zip: zipfile.ZipFile | None = None
-        self._members: dict[str, str] = {}
-        if path.is_dir():
-            self._root = self.folder_root(path, name)
-        elif zipfile.is_zipfile(path):
-            self._zip = zipfile.ZipFile(path)
-            for member in sorted(self._zip.namelist(), key=lambda m: (m.count("/"), m)):
-                if not member.endswith("/") and "__MACOSX" not in member:
-                    self._members.setdefault(member.rsplit("/", 1)[-1], member)
-        else:
-            raise FileNotFoundError(f"{path}: not a MovieLens folder or zip file")
-
-    @staticmethod
-    def folder_root(path: Path, name: str) -> Path:
-        """The release's folder: ``path`` itself or its ``name`` subfolder (as a zip would extract)."""
-        return path / name if (path / name).is_dir() else path
-
-    def has(self, fname: str) -> bool:
-        return fname in self._members if self._zip else (self._root / fname).is_file()
-
-    def label(self, fname: str) -> str:
-        if self._zip:
-            return f"{self.path}:{self._members.get(fname, fname)}"
-        return str(self._root / fname)
-
-    @contextmanager
-    def open(self, fname: str):
-        if not self.has(fname):
-            where = "archive" if self._zip else "folder"
-            raise FileNotFoundError(f"{self.path}: the {where} has no {fname!r}")
-        with self._zip.open(self._members[fname]) if self._zip else open(self._root / fname, "rb") as fh:
-            yield fh
-
-    def close(self) -> None:
-        if self._zip:
-            self._zip.close()
-
-
 # The files each release's loader below reads (ml-100k's u.genre only when present). Kept beside the
 # loaders: a run fingerprints them (`local_files`) to refuse a resume on data edited in place.
 RELEASE_FILES: dict[str, tuple[str, ...]] = {
@@ -136,86 +88,11 @@ def local_files(name: str, path: str | Path) -> list[Path]:
     source = Path(path)
     if not source.is_dir():
         return [source]
-    root = _Files.folder_root(source, name)
+    root = MovieLensFiles.folder_root(source, name)
     return [root / fname for fname in RELEASE_FILES[name] if (root / fname).is_file()]
 
 
-# --- parsing --------------------------------------------------------------------------------------
-
-
-def _read(
-    files: _Files,
-    fname: str,
-    names: list[str],
-    *,
-    sep: str,
-    header: bool = False,
-    encoding: str = "utf-8",
-    numeric: dict[str, str] | None = None,
-) -> pd.DataFrame:
-    """Read a delimited member; columns in ``numeric`` get their dtype or a DataError naming the cell."""
-    numeric = numeric or {}
-    label = files.label(fname)
-    opts = dict(
-        header=0 if header else None,
-        names=names,
-        encoding=encoding,
-        sep="\t" if sep == "::" else sep,
-        # Header-less files use no quoting (titles contain bare quotes); the CSVs quote titles.
-        quoting=csv.QUOTE_MINIMAL if header else csv.QUOTE_NONE,
-        keep_default_na=False,
-    )
-
-    def source(fh: IO[bytes]) -> IO[bytes]:
-        # pandas' C parser takes single-character separators only; "::" never occurs inside a field.
-        return io.BytesIO(fh.read().replace(b"::", b"\t")) if sep == "::" else fh
-
-    try:
-        with files.open(fname) as fh:
-            frame = pd.read_csv(source(fh), dtype={c: numeric.get(c, str) for c in names}, **opts)
-        if not any(frame[c].isna().any() or np.isinf(frame[c].to_numpy()).any() for c in numeric):
-            return frame
-    except (ValueError, OverflowError) as exc:
-        if isinstance(exc, pd.errors.ParserError):
-            raise DataError(label, f"malformed file ({exc})") from None
-    # Slow path, only for broken files: re-read as text to find the first bad cell.
-    with files.open(fname) as fh:
-        frame = pd.read_csv(source(fh), dtype=str, **opts)
-    for column, dtype in numeric.items():
-        values = pd.to_numeric(frame[column].str.strip(), errors="coerce")
-        as_float = values.astype(np.float64)
-        bad = values.isna() | ~np.isfinite(as_float)
-        if dtype == "int64":  # a whole number beyond int64 would wrap around silently
-            bad |= (values % 1 != 0) | ((as_float.abs() >= 2**63) if values.dtype != np.int64 else False)
-        if bad.any():
-            pos = int(np.flatnonzero(bad.to_numpy())[0])
-            what = (
-                "an integer"
-                if dtype == "int64"
-                else "a finite number"
-                if values.notna().iloc[pos]
-                else "a number"
-            )
-            line = _line_of(files, fname, pos + 1 + header, str(opts["sep"]))
-            raise DataError(
-                label, f"not {what}: {frame[column].iloc[pos]!r}", row=pos + 1, line=line, column=column
-            )
-        frame[column] = values.astype(dtype)
-    return frame
-
-
-def _line_of(files: _Files, fname: str, record: int, sep: str) -> int | None:
-    """Physical line of the ``record``-th record (header included) as pandas counts them: it skips empty
-    lines and lines of only spaces and tabs (other than the separator)."""
-    blank = b" \t".replace(sep.encode(), b"")
-    seen = 0
-    with files.open(fname) as fh:
-        for number, raw in enumerate(fh, start=1):
-            if raw.rstrip(b"\r\n").strip(blank):
-                seen += 1
-                if seen == record:
-                    return number
-    return None
+# --- release layouts ------------------------------------------------------------------------------
 
 
 def _interactions(frame: pd.DataFrame) -> pd.DataFrame:
@@ -241,15 +118,15 @@ def _users(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[cols].reset_index(drop=True)
 
 
-def _load_100k(files: _Files) -> MovieLensData:
-    ratings = _read(files, "u.data", list(_RATING_COLUMNS), sep="\t", numeric=_RATING_COLUMNS)
+def _load_100k(files: MovieLensFiles) -> MovieLensData:
+    ratings = read_delimited(files, "u.data", list(_RATING_COLUMNS), sep="\t", numeric=_RATING_COLUMNS)
     genres = ML100K_GENRES
     if files.has("u.genre"):
-        table = _read(files, "u.genre", ["genre", "index"], sep="|", encoding="latin-1")
+        table = read_delimited(files, "u.genre", ["genre", "index"], sep="|", encoding="latin-1")
         table = table[table["genre"].str.strip() != ""]
         genres = table.assign(index=table["index"].astype(int)).sort_values("index")["genre"].tolist()
     head = ["item_id", "title", "release_date", "video_release_date", "imdb_url"]
-    items = _read(
+    items = read_delimited(
         files, "u.item", head + genres, sep="|", encoding="latin-1",
         numeric={"item_id": "int64", **dict.fromkeys(genres, "int64")},
     )  # fmt: skip
@@ -258,7 +135,7 @@ def _load_100k(files: _Files) -> MovieLensData:
     items["genres"] = ["|".join(names[row]) for row in flags]
     items["year"] = pd.to_datetime(items["release_date"], format="%d-%b-%Y", errors="coerce").dt.year
     items["year"] = items["year"].astype(float)
-    users = _read(
+    users = read_delimited(
         files, "u.user", ["user_id", "age", "gender", "occupation", "zip"], sep="|", encoding="latin-1",
         numeric={"user_id": "int64", "age": "int64"},
     )  # fmt: skip
@@ -267,14 +144,14 @@ def _load_100k(files: _Files) -> MovieLensData:
     )
 
 
-def _load_1m(files: _Files) -> MovieLensData:
-    ratings = _read(files, "ratings.dat", list(_RATING_COLUMNS), sep="::", numeric=_RATING_COLUMNS)
-    items = _read(
+def _load_1m(files: MovieLensFiles) -> MovieLensData:
+    ratings = read_delimited(files, "ratings.dat", list(_RATING_COLUMNS), sep="::", numeric=_RATING_COLUMNS)
+    items = read_delimited(
         files, "movies.dat", ["item_id", "title", "genres"], sep="::", encoding="latin-1",
         numeric={"item_id": "int64"},
     )  # fmt: skip
     items["year"] = _year_from_title(items["title"])
-    users = _read(
+    users = read_delimited(
         files, "users.dat", ["user_id", "gender", "age", "occupation", "zip"], sep="::", encoding="latin-1",
         numeric={"user_id": "int64", "age": "int64", "occupation": "int64"},
     )  # fmt: skip
@@ -284,7 +161,8 @@ def _load_1m(files: _Files) -> MovieLensData:
             pos = int(np.flatnonzero(bad)[0])
             code = int(users[column].iloc[pos])
             raise DataError(
-                files.label("users.dat"), f"unknown {column} code {code}", row=pos + 1, line=pos + 1,
+                files.label("users.dat"), f"unknown {column} code {code}", row=pos + 1,
+                line=line_of(files, "users.dat", pos + 1, "\t"),
                 column=column,
             )  # fmt: skip
     users["occupation"] = [ML1M_OCCUPATIONS[c] for c in users["occupation"]]
@@ -293,10 +171,10 @@ def _load_1m(files: _Files) -> MovieLensData:
     )
 
 
-def _load_csv_release(files: _Files, name: str) -> MovieLensData:
+def _load_csv_release(files: MovieLensFiles, name: str) -> MovieLensData:
     numeric = dict(zip(["userId", "movieId", "rating", "timestamp"], _RATING_COLUMNS.values(), strict=True))
-    ratings = _read(files, "ratings.csv", list(numeric), sep=",", header=True, numeric=numeric)
-    items = _read(
+    ratings = read_delimited(files, "ratings.csv", list(numeric), sep=",", header=True, numeric=numeric)
+    items = read_delimited(
         files,
         "movies.csv",
         ["movieId", "title", "genres"],
@@ -398,7 +276,7 @@ def load_movielens(
                     f"no published checksum is known for {url}; pass expected_md5= or expected_sha256="
                 )
             _download(url, source, digests)
-    files = _Files(source, name)
+    files = MovieLensFiles(source, name)
     try:
         return _LOADERS[name](files)
     finally:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -166,23 +167,38 @@ class ParquetStream:
         except pa.ArrowException as err:  # e.g. a file without a column of the first file's schema
             raise ValueError(f"{fragment.path}, row group {rg.index}: {err}") from err
 
-    def _default_encode(self, table: pa.Table) -> dict[str, np.ndarray]:
+    def _default_encode(self, table: pa.Table, rg: RowGroup | None = None) -> dict[str, np.ndarray]:
         mapping = self.config.columns or {name: name for name in table.column_names}
+        # Where the table came from, so that a bad file among hundreds of part files can be found.
+        where = "" if rg is None else f"{self.fragments[rg.file].path}, row group {rg.index}, "
         out = {}
         for key, column in mapping.items():
             nulls = table.column(column).null_count
             if nulls:  # to_numpy would turn them into NaN (integer ids into float64) without a word
+                first = ""
+                if rg is not None:
+                    before = sum(
+                        g.num_rows for g in self.row_groups if g.file == rg.file and g.index < rg.index
+                    )
+                    null_at = pc.index(pc.is_null(table.column(column)), True).as_py()
+                    first = f" (the first in row {before + null_at + 1} of the file)"
                 raise ValueError(
-                    f"column {column!r} has {nulls} null value(s): pass an encode= that fills or drops them"
+                    f"{where}column {column!r} has {nulls} null value(s){first}: pass an encode= that fills "
+                    "or drops them"
                 )
             values = table.column(column).to_numpy()
             if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_):
                 raise TypeError(
-                    f"column {column!r} holds {table.schema.field(column).type}, not numbers: pass an "
-                    "encode= that maps it to numbers (e.g. twotower.hashing for string ids)"
+                    f"{where}column {column!r} holds {table.schema.field(column).type}, not numbers: pass "
+                    "an encode= that maps it to numbers (e.g. twotower.hashing for string ids)"
                 )
             out[key] = values
         return out
+
+    def _encoded(self, rg: RowGroup) -> dict[str, np.ndarray]:
+        table = self.read(rg)
+        # The default encoder is told the row group, to locate a bad cell (a bound method compares equal).
+        return self._default_encode(table, rg) if self.encode == self._default_encode else self.encode(table)
 
     def epoch(self, epoch: int) -> Iterator[dict[str, Tensor]]:
         """This rank's batches of ``epoch`` (see the module docstring for order and guarantees)."""
@@ -194,7 +210,7 @@ class ParquetStream:
         emitted = 0
         self.peak_buffered_rows = 0
         for rg in self.assignment(epoch)[self.rank]:
-            chunk = self.encode(self.read(rg))
+            chunk = self._encoded(rg)
             pool = chunk if pool is None else {k: np.concatenate([pool[k], chunk[k]]) for k in pool}
             held = _length(pool)
             self.peak_buffered_rows = max(self.peak_buffered_rows, held)
