@@ -195,6 +195,12 @@ def test_from_impressions_refuses_missing_item_features_and_unknown_context():
         from_impressions(_lists(), items.assign(price=1.0, kind=["a", "b", None, "c"]))
     with pytest.raises(ValueError, match=r"no context column 'devic'.*\['device'\]"):
         from_impressions(_lists(), items, context="devic")
+    # An item twice: the same row again is harmless, another row is an error naming both (it was the first).
+    again = pd.concat([items, items.iloc[[1]]], ignore_index=True)
+    assert from_impressions(_lists(), again)[0].features[:, 0].tolist() == [1.0, 2.0, 3.0]
+    clash = pd.concat([items, items.iloc[[1]].assign(price=9.0)], ignore_index=True)
+    with pytest.raises(ValueError, match=r"lists item 11 with different features \(rows \[1, 4\]\)"):
+        from_impressions(_lists(), clash)
 
 
 def test_sessions_per_query_zero_is_refused_not_replaced_by_the_default():

@@ -219,7 +219,14 @@ def from_impressions(
     """
     if "item_id" not in items.columns:
         raise ValueError("the item table needs an item_id column")
-    table = items.drop_duplicates("item_id").set_index("item_id")
+    # An item listed twice must be listed the same: which of two feature rows it has is no guess to make.
+    distinct = items.drop_duplicates()
+    clash = distinct[distinct.duplicated("item_id", keep=False)]
+    if len(clash):
+        item = clash["item_id"].iloc[0]
+        rows = [_py(r) for r in clash.index[clash["item_id"] == item][:5]]
+        raise ValueError(f"the item table lists item {_py(item)!r} with different features (rows {rows})")
+    table = distinct.set_index("item_id")
     shown = lists.items[lists.mask]
     unknown = pd.Index(shown).difference(table.index)
     if len(unknown):
