@@ -261,3 +261,23 @@ def test_event_dropout_hides_events_in_training_only():
     assert empty == pytest.approx(1 / 8, abs=0.03)
     only_4 = torch.isclose(out, torch.tensor([8.0, 9.0])).all(1).float().mean().item()
     assert only_4 == pytest.approx(1 / 8, abs=0.03)  # the subset {4}: e_4 = [8, 9] (no other subset's mean)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_a_target_repeated_in_the_history_is_left_out_and_older_events_fill_the_window(pooling):
+    # User 0's events 1, 5, 2, 5 (item 5 twice), max_len 2: leaving out 5 keeps 1 and 2, as a served
+    # history [1, 2] would be. The window read one slot past max_len held 5, 2, 5: only 2 was kept.
+    cfg = HistoryConfig(enabled=True, pooling=pooling, max_len=2, item_feature=None, dropout=0.0)
+    indptr, items, _ = history_csr(torch.tensor([0, 0, 0, 0, 1]), torch.tensor([1, 5, 2, 5, 3]), 2)
+    torch.manual_seed(0)
+    enc = HistoryEncoder(cfg, indptr, items, None, num_items=7, dim=2, own_table=True).eval()
+    with torch.no_grad():
+        enc.item_embedding.weight.copy_(torch.arange(14.0).view(7, 2))  # e_i = [2i, 2i + 1]
+    positions, valid, recency, ids = enc._without(torch.tensor([0, 1]), None, torch.tensor([5, 5]))
+    assert ids[valid].tolist() == [1, 2, 3] and recency.tolist() == [[1, 0], [0, 0]]
+    assert valid.tolist() == [[True, True], [True, False]]
+    out = enc(torch.tensor([0]), exclude=torch.tensor([5]))
+    served = enc.encode(*enc.event_rows([torch.tensor([1, 2])])[:3])
+    assert torch.allclose(out, served, atol=1e-6)
+    if pooling == "mean":
+        assert torch.allclose(out, torch.tensor([[(2 + 4) / 2, (3 + 5) / 2]]))  # mean(e1, e2)

@@ -174,6 +174,16 @@ def test_unknown_users_raise_an_error_naming_only_them(retriever):
     assert retriever.user_index([3.0, "7", np.int64(5)]).tolist() == [3, 7, 5]
 
 
+def test_a_single_id_instead_of_a_list_of_ids_is_refused_not_split_into_characters(retriever):
+    # "42" used to be read as the users "4" and "2" (two rows of someone else's recommendations).
+    for single in ("42", b"42", 42, np.int64(42), np.array(42), np.array([[4, 2]])):
+        with pytest.raises(TypeError, match=r"1-D sequence of user ids.*pass \[user_id\]"):
+            retriever.recommend(single, k=3)
+    ids, _ = retriever.recommend(["42"], k=3)
+    assert ids.shape == (1, 3) and ids.tolist() == retriever.recommend([42], k=3)[0].tolist()
+    assert retriever.user_index(u for u in (4, 2)).tolist() == [4, 2]  # any iterable of ids
+
+
 def test_loading_twice_gives_identical_recommendations(run_dir, retriever):
     users = retriever.user_ids.tolist()
     first_ids, first_scores = Retriever.load(run_dir).recommend(users, k=10)
@@ -218,3 +228,16 @@ def test_evaluate_run_refuses_data_that_no_longer_matches_the_catalogue(run_dir,
     (copy / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="no longer matches"):
         evaluate_run(copy)
+
+
+def test_evaluate_run_refuses_data_whose_users_no_longer_match(run_dir, tmp_path):
+    # Same 90 items, but a 140-user world: its user indices would be scored with the saved model's
+    # embeddings of other users (it used to print metrics for them).
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    meta = json.loads((copy / "model.json").read_text())
+    meta["config"]["data"]["world"]["num_users"] = 140
+    (copy / "model.json").write_text(json.dumps(meta))
+    (copy / "metrics-temporal.json").unlink(missing_ok=True)  # from an earlier evaluate_run
+    with pytest.raises(ValueError, match="no longer matches.*user ids differ"):
+        evaluate_run(copy)
+    assert not (copy / "metrics-temporal.json").exists()

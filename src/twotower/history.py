@@ -187,11 +187,20 @@ class HistoryEncoder(nn.Module):
     def _without(self, user_idx: Tensor, end: Tensor | None, exclude: Tensor) -> tuple[Tensor, ...]:
         """``padded``'s layout of the last ``max_len`` events that are not ``exclude``: one slot more is
         read (an excluded event is usually there once, the row's own target), the excluded dropped and the
-        rest packed to the left, recency recounted."""
+        rest packed to the left, recency recounted. A row whose excluded item occurs more often in that
+        window (a repeated interaction) reads a wider one, until it keeps ``max_len`` events or has none
+        older left."""
         width = self.config.max_len
-        positions, valid, _ = self.padded(user_idx, end, width + 1)
-        ids = self.items[positions] if len(self.items) else torch.zeros_like(positions)
-        keep = valid & (ids != exclude[:, None])
+        read = width + 1
+        while True:
+            positions, valid, _ = self.padded(user_idx, end, read)
+            ids = self.items[positions] if len(self.items) else torch.zeros_like(positions)
+            keep = valid & (ids != exclude[:, None])
+            # Short of `width` kept events while the window is full: older events may fill the gap.
+            short = (keep.sum(1) < width) & (valid.sum(1) == read)
+            if short.is_meta or not bool(short.any()):  # (a meta tensor has shapes but no values)
+                break
+            read *= 2
         keep &= keep.flip(1).cumsum(1).flip(1) <= width  # the most recent `width` kept events
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
         positions, ids, valid = positions.gather(1, order), ids.gather(1, order), keep.gather(1, order)

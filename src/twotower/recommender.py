@@ -7,6 +7,7 @@ and ``evaluate`` commands go through here, so they see exactly what was saved.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -122,6 +123,17 @@ class Retriever:
     def user_index(self, user_ids: Any) -> Tensor:
         """Catalogue indices of raw user ids (matched as the service matches them,
         :mod:`twotower.ids`); unknown ids raise ``UnknownUserError`` naming them."""
+        # One id is not a list of ids: a string would be split into its characters ("42" -> users "4"
+        # and "2"), each looked up as a user of its own.
+        if (
+            isinstance(user_ids, str | bytes)
+            or not isinstance(user_ids, Iterable)
+            or (isinstance(user_ids, np.ndarray) and user_ids.ndim != 1)
+        ):
+            raise TypeError(
+                f"user_ids must be a 1-D sequence of user ids, got {type(user_ids).__name__} "
+                f"{user_ids!r:.50}; for one user pass [user_id]"
+            )
         values = user_ids.tolist() if isinstance(user_ids, np.ndarray) else list(user_ids)
         positions = self._user_lookup.positions(values)
         missing = [str(u) for u, p in zip(values, positions, strict=True) if p < 0]
@@ -153,8 +165,15 @@ def evaluate_run(run_dir: str | Path, protocol: str | None = None) -> dict[str, 
     if protocol is not None:
         config = config.model_copy(update={"eval": config.eval.model_copy(update={"protocol": protocol})})
     data = build_retrieval_data(config)
-    if len(data.item_ids) != len(retriever.item_ids) or (data.item_ids != retriever.item_ids).any():
-        raise ValueError(f"the data no longer matches the catalogue saved in {run_dir}")
+    # Users as well as items: the model's user embeddings are looked up by the data's user indices.
+    for what, rebuilt, saved in (
+        ("item", data.item_ids, retriever.item_ids),
+        ("user", data.user_ids, retriever.user_ids),
+    ):
+        if len(rebuilt) != len(saved) or (rebuilt != saved).any():
+            raise ValueError(
+                f"the data no longer matches the catalogue saved in {run_dir} (its {what} ids differ)"
+            )
     metrics = evaluate_model(retriever.model, config.eval.protocol, data.train, data.test, config.eval.ks)
     if protocol is not None and protocol != retriever.config.eval.protocol:
         # Each protocol draws its own split: this test split holds pairs the model was trained on.
