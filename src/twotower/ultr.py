@@ -63,10 +63,11 @@ __all__ = [
     "train_ranker",
 ]
 
-# Every two-tower method names both dropout rates: the names say which regulariser is on, whatever
-# RankerConfig's defaults (.1 / .5, the issue's) or the shared `ranker` section say.
-_NO_DROPOUT = {"position_dropout": 0.0, "bias_dropout": 0.0}
-_PAL, _ADD = {"combination": "pal", **_NO_DROPOUT}, {"combination": "additive", **_NO_DROPOUT}
+_PAL, _ADD = {"combination": "pal"}, {"combination": "additive"}
+# What a method starts from, under the shared `ranker` section and its own settings: no bias dropout
+# unless its name says so (or the shared section sets a rate, as bench/ultr.py's rates part does), not
+# RankerConfig's defaults (.1 / .5).
+_BASE = {"position_dropout": 0.0, "bias_dropout": 0.0}
 METHODS: dict[str, dict] = {
     "naive": {"combination": "none"},
     "position-feature": {"combination": "none", "position_feature": True},
@@ -126,7 +127,7 @@ class UltrResult:
 def method_config(method: str, shared: dict | None = None) -> RankerConfig:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    return RankerConfig.model_validate({**(shared or {}), **METHODS[method]})
+    return RankerConfig.model_validate({**_BASE, **(shared or {}), **METHODS[method]})
 
 
 def _tensors(
