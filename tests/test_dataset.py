@@ -262,6 +262,26 @@ def test_unclicked_rows_are_impressions_kept_before_the_users_first_test_event(t
     assert data.item_encoder.vocabulary("item_id") == [10]  # alice 10 and bob 10 are the training rows
 
 
+def test_impressions_stop_before_the_users_validation_event_under_the_temporal_protocol(tmp_path):
+    # alice: 10 @10 trains, 11 @20 validates, 12 @30 tests. Her impression at 25 is after the validation
+    # event: training on it would see the validation event's future (it was kept: only test cut).
+    log = IMPRESSIONS_LOG.replace("alice,21,30,0", "alice,21,25,0")
+    (tmp_path / "log.csv").write_text(log)
+    config = RunConfig.model_validate(
+        {
+            "data": {
+                "source": "files",
+                "interactions": str(tmp_path / "log.csv"),
+                "columns": {"timestamp": "ts", "clicked": "clicked"},
+            },
+            "eval": {"protocol": "temporal"},
+        }
+    )
+    data = build_retrieval_data(config)
+    assert _pairs(data, data.valid) == [("alice", 11)] and _pairs(data, data.test) == [("alice", 12)]
+    assert _pairs(data, data.impressions) == [("alice", 20), ("bob", 22)]
+
+
 def test_batches_skip_a_single_leftover_row_and_drop_last_drops_the_partial_batch(data):
     def sizes(batch_size: int, drop_last: bool) -> list[int]:
         batches = iterate_batches(data.train, batch_size, seed=0, epoch=0, drop_last=drop_last)

@@ -112,6 +112,9 @@ def load_raw(source: MovieLensSource | SyntheticSource | FileSource) -> RawData:
 def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> RetrievalData:
     raw = raw or load_raw(config.data)
     train_df, valid_df, test_df = split_for(config.eval.protocol, raw.interactions)
+    # A protocol's own validation split (temporal: each user's second-to-last event) is as much the
+    # future of training as its test split: impressions stop before either (a random holdout is not).
+    held_out = test_df if valid_df is None else pd.concat([valid_df, test_df])
     if "timestamp" in train_df.columns:
         # Chronological training log: user histories (and their most-recent truncation) follow time.
         train_df = train_df.sort_values("timestamp", kind="stable").reset_index(drop=True)
@@ -172,7 +175,7 @@ def build_retrieval_data(config: RunConfig, raw: RawData | None = None) -> Retri
         user_table=user_table,
         item_table=item_table,
         train=train,
-        impressions=_training_impressions(raw.impressions, test_df, user_pos, item_pos),
+        impressions=_training_impressions(raw.impressions, held_out, user_pos, item_pos),
         valid=None if valid_df is None else _to_indices(valid_df, user_pos, item_pos),
         test=_to_indices(test_df, user_pos, item_pos),
         items=raw.items,
@@ -218,13 +221,14 @@ def _test_start(test_df: pd.DataFrame, users: pd.Index) -> Tensor | None:
 
 
 def _training_impressions(
-    impressions: pd.DataFrame | None, test_df: pd.DataFrame, users: pd.Index, items: pd.Index
+    impressions: pd.DataFrame | None, held_out: pd.DataFrame, users: pd.Index, items: pd.Index
 ) -> Interactions | None:
-    """Impressions a model may learn from: with timestamps, those before the user's first test event."""
+    """Impressions a model may learn from: with timestamps, those before the user's first held-out
+    (validation or test) event."""
     if impressions is None:
         return None
-    if "timestamp" in impressions.columns and "timestamp" in test_df.columns and len(test_df):
-        first_test = test_df.groupby(USER)["timestamp"].min()
+    if "timestamp" in impressions.columns and "timestamp" in held_out.columns and len(held_out):
+        first_test = held_out.groupby(USER)["timestamp"].min()
         cutoff = impressions[USER].map(first_test)
         impressions = impressions[cutoff.isna() | (impressions["timestamp"] < cutoff)]
     return _to_indices(impressions, users, items)
