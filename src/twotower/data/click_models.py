@@ -17,7 +17,8 @@ Examination per rank comes from a curve per device (:class:`ExaminationConfig`):
   cascade of Craswell et al. 2008, one click at most), and without a click they go on to the next rank
   with probability ``theta_device(k + 1) / theta_device(k)`` so that, up to the first click, the
   examination curve equals the device's curve (``continuation="curve"``), or always
-  (``continuation="always"``, the classic cascade).
+  (``continuation="always"``). Either way rank 1 is examined with ``theta_device(1)``, so "always" is
+  the classic cascade (rank 1 always examined) only for a curve with ``theta(1) = 1``.
 * **Trust bias** (``trust``, Agarwal et al. 2019): an examined document is clicked with
   ``eps_plus(k)`` when relevant and ``eps_minus(k)`` when not, relevance itself being drawn with
   ``P(R = 1 | y)``: ``P(C = 1) = theta(k) * (eps_plus(k) P(R) + eps_minus(k) (1 - P(R)))`` with
