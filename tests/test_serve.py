@@ -527,3 +527,44 @@ def test_healthz_reads_the_served_model_once(runs):
     with TestClient(app) as c:
         health = c.get("/healthz").json()
     assert health["model"] == first.model_id and health["users"] == len(first.exported.user_ids)
+
+
+def test_a_followed_swap_that_waited_behind_a_newer_own_reload_is_skipped(monkeypatch, tmp_path):
+    # Worker A reloads X (slow); meanwhile worker B's reload of Y reaches A's follower, which waits for
+    # the lock. A's reload then publishes a newer generation: the follower must not land Y after it
+    # (A would serve Y while the control file, and so every other worker, says X).
+    from twotower import serve
+
+    loading_x, release_x = threading.Event(), threading.Event()
+
+    def load(source, *args):  # type: ignore[no-untyped-def]
+        if source.name == "x":
+            loading_x.set()
+            release_x.wait(10)
+        return f"pipeline {source.name}"
+
+    monkeypatch.setattr(serve, "load_pipeline", load)
+    holder = serve.ModelHolder(tmp_path / "w", "pipeline w")  # type: ignore[arg-type]
+    holder.generation = 5
+    published = []
+
+    def publish() -> None:
+        holder.generation = 100
+        published.append(holder.source.name)
+
+    own = threading.Thread(target=holder.swap, args=(tmp_path / "x", None, None, 0, None, publish))
+    own.start()
+    assert loading_x.wait(10)
+    followed: list = []
+    y = tmp_path / "y"
+    follower = threading.Thread(target=lambda: followed.append(holder.swap(y, None, None, 0, 50)))
+    follower.start()
+    time.sleep(0.2)  # the follower now waits for the lock
+    release_x.set()
+    own.join(10)
+    follower.join(10)
+    assert published == ["x"] and followed == [None]
+    assert holder.pipeline == "pipeline x" and holder.generation == 100
+    # A newer generation is followed; one already taken, or older, is not.
+    assert holder.swap(tmp_path / "y", None, None, 0, 101) == "pipeline y" and holder.generation == 101
+    assert holder.swap(tmp_path / "z", None, None, 0, 101) is None and holder.pipeline == "pipeline y"

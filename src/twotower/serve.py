@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -75,10 +76,32 @@ class ModelHolder:
         self.generation = 0  # of the control file (multi-worker serving) last followed
         self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
 
-    def swap(self, source: Path, retrieve_n: int | None, index: IndexConfig | None, light_n: int) -> Pipeline:
+    def swap(
+        self,
+        source: Path,
+        retrieve_n: int | None,
+        index: IndexConfig | None,
+        light_n: int,
+        follow: int | None = None,
+        publish: Callable[[], None] | None = None,
+    ) -> Pipeline | None:
+        """Load ``source`` and serve it; the old pipeline keeps serving meanwhile.
+
+        ``follow``: the control file's generation this swap follows (another worker's reload). It is
+        skipped (None returned) when this worker has taken a newer generation while waiting for the
+        lock - its own reload, say - so a stale swap never lands after a newer one. It counts as taken
+        even if loading fails, so a broken swap is not retried every poll. ``publish`` (this worker's
+        own reload) runs once the new pipeline serves, under the same lock, to take a generation and
+        tell the other workers."""
         with self._reload_lock:
-            fresh = load_pipeline(source, retrieve_n, index, light_n)  # the old one keeps serving meanwhile
+            if follow is not None:
+                if follow <= self.generation:
+                    return None
+                self.generation = follow
+            fresh = load_pipeline(source, retrieve_n, index, light_n)
             self.source, self.pipeline = source, fresh
+            if publish is not None:
+                publish()
             return fresh
 
 
@@ -131,10 +154,12 @@ def create_app(
             except (FileNotFoundError, ValueError):
                 continue
             if state["generation"] > holder.generation:
-                holder.generation = state["generation"]
                 try:
-                    await run_in_threadpool(holder.swap, Path(state["path"]), retrieve_n, index, light_n)
-                    reloads.inc()
+                    swapped = await run_in_threadpool(
+                        holder.swap, Path(state["path"]), retrieve_n, index, light_n, state["generation"]
+                    )
+                    if swapped is not None:
+                        reloads.inc()
                 except Exception as exc:  # keep serving the model we have, and keep following
                     log.error("could not follow the swap to %s: %s", state["path"], exc)
 
@@ -258,15 +283,21 @@ def create_app(
         async def reload(body: ReloadRequest | None = None) -> dict:
             target = Path(body.path) if body is not None and body.path else holder.source
             start = time.perf_counter()
+
+            def publish() -> None:  # tell the other workers (under the swap's lock: see ModelHolder.swap)
+                assert control_file is not None
+                holder.generation = max(time.time_ns(), holder.generation + 1)
+                write_json(control_file, {"generation": holder.generation, "path": str(target)})
+
             try:
-                fresh = await run_in_threadpool(holder.swap, target, retrieve_n, index, light_n)
+                fresh = await run_in_threadpool(
+                    holder.swap, target, retrieve_n, index, light_n, None, publish if control_file else None
+                )
             except Exception as exc:  # a missing or broken run or export: the old model keeps serving
                 reason = str(exc) if isinstance(exc, OSError | ValueError) else f"{type(exc).__name__}: {exc}"
                 return JSONResponse(status_code=409, content={"detail": f"not swapped: {reason}"})  # type: ignore[return-value]
+            assert fresh is not None  # only a followed swap is ever skipped
             reloads.inc()
-            if control_file is not None:  # tell the other workers
-                holder.generation = time.time_ns()
-                write_json(control_file, {"generation": holder.generation, "path": str(target)})
             log.warning("swapped in %s", fresh.model_id)
             return {"model": fresh.model_id, "seconds": round(time.perf_counter() - start, 3)}
 
