@@ -89,6 +89,23 @@ def test_popularity_state_round_trips_and_rejects_bad_input():
         PopularitySampler(torch.tensor([1.0]), alpha=-0.5)
 
 
+@pytest.mark.parametrize("large_path", [False, True])
+def test_popularity_state_load_carries_log_q_and_the_cdf(monkeypatch, large_path):
+    # counts (4, 0, 9), alpha 0.5: weights (2, 1, 3) (the 0 floored at 1), so Q = (1/3, 1/6, 1/2) and
+    # the CDF (1/3, 1/2, 1). A sampler built on other counts (uniform) and loaded from this state must
+    # report that log Q and draw from it, on both the multinomial and the inverse-CDF path.
+    if large_path:
+        monkeypatch.setattr(PopularitySampler, "MULTINOMIAL_MAX", 0)
+    clone = PopularitySampler(torch.ones(3), alpha=0.5)
+    clone.load_state_dict(PopularitySampler(torch.tensor([4.0, 0.0, 9.0]), alpha=0.5).state_dict())
+    hand = torch.tensor([1 / 3, 1 / 6, 1 / 2], dtype=torch.float64)
+    torch.testing.assert_close(clone.log_probability(torch.arange(3)), hand.log(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(clone.cdf, torch.tensor([1 / 3, 1 / 2, 1.0], dtype=torch.float64))
+    neg = clone.sample({}, DRAWS, gen())
+    assert_distribution(neg.ids, hand)
+    torch.testing.assert_close(neg.log_q, hand.log()[neg.ids], rtol=1e-12, atol=0)
+
+
 def test_mixed_sampler_mixture_probability_by_hand():
     freq = CountFrequency(torch.tensor([3.0, 1.0, 0.0, 4.0]))  # p_batch = [3, 1, 1, 4] / 8 (floor at 1)
     sampler = MixedSampler(UniformSampler(4), n_extra=2, frequency=freq)

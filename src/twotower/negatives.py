@@ -172,6 +172,17 @@ class PopularitySampler(nn.Module):
         self.register_buffer("log_probs", torch.log_softmax(logits, 0), persistent=False)
         self.register_buffer("cdf", torch.cumsum(self.probs, 0), persistent=False)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kw: Any) -> None:
+        # Only ``probs`` is saved: the derived log Q and CDF must follow a loaded distribution, or the
+        # sampler draws from the checkpoint's probs but reports (and inverse-CDF samples) the old ones.
+        before = self.probs.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+        if not torch.equal(self.probs, before):
+            # An entry that underflowed to 0 is floored at the smallest normal number: log Q stays finite.
+            tiny = torch.finfo(self.probs.dtype).tiny
+            self.log_probs = torch.log(self.probs.clamp_min(tiny)).to(self.log_probs.dtype)
+            self.cdf = torch.cumsum(self.probs, 0).to(self.cdf.dtype)
+
     @property
     def num_items(self) -> int:
         return len(self.probs)
