@@ -370,3 +370,29 @@ def test_filter_answers_do_not_depend_on_the_previous_request(pipeline):
     fresh = Pipeline(exported)
     assert (count(fresh, None), count(Pipeline(exported), "None")) == (0, 75)
     assert count(fresh, "None") == 75  # not the cached answer for [None]
+
+
+def test_an_integer_filter_matches_a_float_column_with_a_missing_cell(pipeline):
+    """One missing year makes pandas read the column as float (1974.0): {"year": [1974]} matched nothing."""
+    import dataclasses
+
+    import pandas as pd
+
+    from twotower.pipeline import _matching
+
+    table = pipeline.exported.items
+    year = int(table["year"].iloc[0])
+    years = table["year"].astype(float)
+    years.iloc[1] = float("nan")
+    want = set(table["item_id"][years == year].tolist())
+    assert want
+    p = Pipeline(dataclasses.replace(pipeline.exported, items=table.assign(year=years)))
+    assert "year" in p._inverted  # the inverted-index path
+    for values in ([year], [float(year)], [str(year)]):
+        request = RecommendRequest(user_id=7, k=1000, exclude_seen=False, filters={"year": values})
+        assert set(_ids(p.recommend(request))) == want, values
+    # the scan path (high-cardinality columns), by hand: 1974.0 and 1974 match, 1974.5 and NaN do not
+    column = pd.Series([1974.0, float("nan"), 1974.5, 1980.0])
+    assert _matching(column, [1974]).tolist() == [0]
+    assert _matching(column, [1974.0, "1980"]).tolist() == [0, 3]
+    assert _matching(pd.Series([1974, 1980]), [1980.0]).tolist() == [1]

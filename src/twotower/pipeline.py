@@ -199,7 +199,8 @@ class Pipeline:
                 raise RequestError(f"cannot filter on {column!r}; item metadata columns: {columns}")
             inverted = self._inverted.get(column)
             if inverted is not None:
-                hits = [inverted[str(v)] for v in values if v is not None and str(v) in inverted]
+                keys = {key for v in values for key in _value_keys(v)}
+                hits = [inverted[key] for key in sorted(keys) if key in inverted]
                 if len(hits) == 1:
                     match = hits[0]  # postings are sorted and unique already
                 else:
@@ -207,7 +208,7 @@ class Pipeline:
                 allowed = match if allowed is None else np.intersect1d(allowed, match, assume_unique=True)
                 continue
             # None matches nothing (see _matching), so it must not share a key with the text "None"
-            key = (column, tuple(sorted({str(v) for v in values if v is not None})))
+            key = (column, tuple(sorted({key for v in values for key in _value_keys(v)})))
             with self._lock:
                 match = self._filter_cache.get(key)
                 if match is None:
@@ -285,18 +286,34 @@ class Pipeline:
 
 def _matching(column: pd.Series, values: list[Value]) -> np.ndarray:
     """Catalogue indices whose cell equals one of ``values`` or, for 'a|b' cells, holds one as a token."""
-    wanted = {str(v) for v in values if v is not None}
+    wanted = {key for v in values for key in _value_keys(v)}
     cells = column.tolist()
     hits = np.fromiter((not wanted.isdisjoint(_cell_keys(c)) for c in cells), dtype=bool, count=len(cells))
     return np.flatnonzero(hits).astype(np.int64)
 
 
 def _cell_keys(cell: Any) -> list[str]:
-    """The filter values a cell matches: its text and, for 'a|b' cells, each token."""
+    """The filter values a cell matches: its text and, for 'a|b' cells, each token. A whole-number
+    float also matches its integer text: one missing cell makes pandas read an integer column (a year)
+    as float, and ``{"year": [1974]}`` must still find the cell 1974.0."""
     if _missing(cell):
         return []
     text = str(cell)
-    return [text, *text.split("|")] if "|" in text else [text]
+    if "|" in text:
+        return [text, *text.split("|")]
+    return _value_keys(cell)
+
+
+def _value_keys(value: Any) -> list[str]:
+    """The texts a filter value (or a single cell) is compared as; none for None (it matches nothing)."""
+    if value is None:
+        return []
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = str(value)
+    if isinstance(value, float) and value.is_integer():
+        return [text, str(int(value))]  # 1974.0 is also "1974"
+    return [text]
 
 
 def _low_cardinality(values: list[Any], limit: int = 10_000) -> bool:
