@@ -95,6 +95,13 @@ def test_spearman_is_reported_for_a_model_list() -> None:
     # User 1: ranker scores of 3,4,5,0 are 2,1,0,5 -> ranks vs retrieval ranks: Spearman -0.2.
     assert metrics["spearman_retrieval_ranker"] == pytest.approx((-1.0 + -0.2) / 2)
     assert "served_ndcg@2" not in metrics  # no truth, no nDCG
+    # No light ranker, no light-ranker recall (it used to repeat retrieval's recall@4 under that name).
+    no_light = run_funnel(RETRIEVED, teacher, None, FunnelConfig(retrieve_n=4, k=2, recall_at=[]))
+    assert no_light.light is None
+    assert not any(
+        m.startswith("light_")
+        for m in evaluate_funnel(no_light, teacher, None, FunnelConfig(retrieve_n=4, k=2, recall_at=[]))
+    )
 
 
 def test_config_is_strict() -> None:

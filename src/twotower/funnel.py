@@ -67,7 +67,7 @@ class FunnelLists:
 
     retrieved: Tensor
     retrieval_scores: Tensor
-    light: Tensor  # equals ``retrieved`` when the funnel has no light ranker
+    light: Tensor | None  # what the light ranker kept; None when the funnel has none
     served: Tensor
 
 
@@ -110,8 +110,8 @@ def run_funnel(
     else:
         retrieved = retrieval[:, :fetch]
         scores = torch.full(retrieved.shape, float("nan"))
-    shortlist = retrieved if light is None else _reorder(light, teacher, users, retrieved, light_keep)
-    served = _reorder(teacher.ranker, teacher, users, shortlist, config.k)
+    shortlist = None if light is None else _reorder(light, teacher, users, retrieved, light_keep)
+    served = _reorder(teacher.ranker, teacher, users, retrieved if shortlist is None else shortlist, config.k)
     return FunnelLists(retrieved, scores, shortlist, served)
 
 
@@ -142,9 +142,10 @@ def evaluate_funnel(
         f"ranker_top{k}_recall@{m}": ranker_topk_recall(lists.retrieved[:, :m].numpy(), top.numpy())
         for m in sorted({*(m for m in config.recall_at if m < n), n})
     }
-    metrics[f"light_ranker_top{k}_recall@{lists.light.shape[1]}"] = ranker_topk_recall(
-        lists.light.numpy(), top.numpy()
-    )
+    if lists.light is not None:  # without a light ranker it would repeat retrieval's recall under its name
+        metrics[f"light_ranker_top{k}_recall@{lists.light.shape[1]}"] = ranker_topk_recall(
+            lists.light.numpy(), top.numpy()
+        )
     if not torch.isnan(lists.retrieval_scores).all():
         metrics["spearman_retrieval_ranker"] = rank_correlation(
             lists.retrieval_scores.numpy(), ranker_scores.numpy(), method="spearman"
