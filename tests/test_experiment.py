@@ -198,6 +198,35 @@ def test_an_evaluation_that_fails_after_training_keeps_the_trained_model(tmp_pat
     assert retriever.recommend(retriever.user_ids[:1], k=3)[0].shape == (1, 3)
 
 
+def test_an_evaluation_that_fails_when_training_again_leaves_no_metrics_of_the_old_weights(
+    tmp_path, monkeypatch
+):
+    import twotower.experiment as experiment
+
+    run_dir = tmp_path / "run"
+    train_run(tiny_config(epochs=1), run_dir, progress=False)
+    assert (run_dir / "metrics.json").exists()
+    fit, evaluate, trained = experiment.fit, experiment.evaluate_model, []
+
+    def fit_then_mark(*args, **kwargs):
+        result = fit(*args, **kwargs)
+        trained.append(True)
+        return result
+
+    def out_of_memory_after_training(*args, **kwargs):
+        if trained:
+            raise MemoryError("evaluation over a large catalogue")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "fit", fit_then_mark)
+    monkeypatch.setattr(experiment, "evaluate_model", out_of_memory_after_training)
+    with pytest.raises(MemoryError):
+        train_run(tiny_config(epochs=2), run_dir, progress=False)
+    # metrics.json described the epoch-1 weights; model.safetensors now holds epoch 2's
+    assert not (run_dir / "metrics.json").exists()
+    assert [h["epoch"] for h in json.loads((run_dir / "history.json").read_text())] == [1, 2]
+
+
 def test_a_data_error_leaves_no_run_directory(tmp_path):
     from twotower.config import RunConfig
 

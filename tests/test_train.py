@@ -345,3 +345,95 @@ def test_an_epoch_without_any_batch_is_an_error_not_a_zero_loss(tmp_path):
 
     with pytest.raises(ValueError, match="epoch 1 produced no training batch"):
         fit(_toy(), lambda epoch: iter(()), _toy_config(2), tmp_path, progress=False)
+
+
+def test_a_crash_after_a_new_best_but_before_its_checkpoint_keeps_the_committed_best(tmp_path, monkeypatch):
+    """Epoch 3 improves and its best weights are written, then the run dies before epoch 3's
+    last.json: the committed checkpoint's best (epoch 2) must keep its weights, whatever the redone
+    epoch 3 scores (the same on a deterministic CPU run, not always on a GPU)."""
+    import twotower.train as train
+
+    cfg = _toy_config(3, early_stopping={"metric": "m", "patience": 3})
+    write_json, writes = train.write_json, []
+
+    def die_at_the_third_commit(path, obj, **kw):
+        writes.append(path)
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+        write_json(path, obj, **kw)
+
+    monkeypatch.setattr(train, "write_json", die_at_the_third_commit)
+    model, snaps = _toy(), []
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(
+            model, _toy_batches, cfg, tmp_path, _scripted(model, [0.1, 0.5, 0.9], snaps), progress=False
+        )
+    monkeypatch.setattr(train, "write_json", write_json)
+    resumed = _toy(seed=4)
+    got = train.fit(resumed, _toy_batches, cfg, tmp_path, _scripted(None, [0.2]), resume=True, progress=False)
+    assert (got.best_epoch, got.best_metric, got.epochs_run) == (2, 0.5, 3)
+    for key, value in resumed.state_dict().items():  # epoch 2's weights, not the uncommitted epoch 3's
+        assert torch.equal(value, snaps[1][key]), key
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["best-epoch0002.safetensors", "last-epoch0003.safetensors", "last.json"]
+
+
+def test_a_fresh_run_interrupted_before_its_first_checkpoint_never_resumes_the_previous_run(tmp_path):
+    from twotower.train import fit
+
+    fit(_toy(seed=9), _toy_batches, _toy_config(3, lr=0.05), tmp_path, progress=False)  # another run
+
+    def interrupted(epoch):
+        yield next(_toy_batches(epoch))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # training anew into the directory, stopped in epoch 1
+        fit(_toy(), interrupted, _toy_config(3), tmp_path, progress=False)
+    resumed = _toy()
+    result = fit(resumed, _toy_batches, _toy_config(3), tmp_path, resume=True, progress=False)
+    fresh = _toy()  # the resume starts from scratch: it used to continue the other run's checkpoint
+    fit(fresh, _toy_batches, _toy_config(3), tmp_path / "fresh", progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    _assert_same_weights(fresh, resumed)
+
+
+def test_an_error_in_a_step_stops_the_prefetch_thread_at_once(tmp_path, capsys):
+    import threading
+
+    from twotower.data.prefetch import prefetched
+    from twotower.train import fit
+
+    class FailsAtStep2(_Toy):
+        steps = 0
+
+        def compute_loss(self, batch):
+            self.steps += 1
+            if self.steps == 2:
+                raise RuntimeError("step 2 failed")
+            return super().compute_loss(batch)
+
+    torch.manual_seed(0)
+    model = FailsAtStep2()
+    with pytest.raises(RuntimeError, match="step 2 failed") as failure:  # with a progress bar shown: its
+        # iterator closes the one it wraps only when the bar is off
+        fit(model, prefetched(_toy_batches, depth=1), _toy_config(2), tmp_path, progress=True)
+    # The traceback, which holds fit's frames, is still alive (a caller logging it, a notebook's last
+    # error): the producer must not wait for it to be collected, polling its full queue meanwhile.
+    assert failure.traceback
+    assert not [t for t in threading.enumerate() if t.name == "twotower-prefetch" and t.is_alive()]
+
+
+def test_a_checkpoint_with_the_older_single_best_file_still_restores_its_best(tmp_path):
+    from twotower.train import fit
+
+    cfg = _toy_config(2, early_stopping={"metric": "m", "patience": 3})
+    model, snaps = _toy(), []
+    fit(model, _toy_batches, cfg, tmp_path, _scripted(model, [0.5, 0.1], snaps), progress=False)
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "best-epoch0001.safetensors").rename(ckpt / "best.safetensors")  # as older versions named it
+    resumed = _toy(seed=2)
+    more = cfg.model_copy(update={"epochs": 3})
+    got = fit(resumed, _toy_batches, more, tmp_path, _scripted(None, [0.2]), resume=True, progress=False)
+    assert (got.best_epoch, got.best_metric, got.epochs_run) == (1, 0.5, 3)
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, snaps[0][key]), key

@@ -194,6 +194,10 @@ def _train_run(
     metrics: dict[str, Any] = {}
     if main:  # evaluation and files on rank 0; the others wait in from_main for its metrics
         remove_stale_results(run_dir)
+        # The previous weights' metrics and history go before the new weights are written: an
+        # evaluation that fails below would otherwise leave them beside the new model, passing for its.
+        for name in ("metrics.json", "history.json"):
+            (run_dir / name).unlink(missing_ok=True)
         # The model first: an evaluation that fails (memory on a large catalogue, an interrupt, the
         # other ranks' collective timing out while rank 0 evaluates) must not lose the trained weights.
         save_model(model, data, config, run_dir)

@@ -101,7 +101,13 @@ def fit(
         "bad_epochs": 0,
         "stopped": False,
     }
-    if resume and (ckpt_dir / "last.json").exists():
+    resuming = resume and (ckpt_dir / "last.json").exists()
+    if not resuming and main:
+        # A fresh run into a directory that holds another run's checkpoint: its commit record goes now,
+        # not after this run's first epoch - or a --resume after an interruption before then would
+        # continue that other run (under this run's config.yaml). Its files go at the first checkpoint.
+        (ckpt_dir / "last.json").unlink(missing_ok=True)
+    if resuming:
         state = load_checkpoint(ckpt_dir / "last", model, optimizer, seed=config.seed)
         # load_state_dict put the checkpoint's lr / weight decay back into the param groups. This loop
         # has no schedule that changes them, so they can only differ from the config when the config
@@ -123,38 +129,47 @@ def fit(
         epoch = state["epoch"] + 1
         model.train()
         loss_sum, n_batches, n_examples, t0 = 0.0, 0, 0, time.perf_counter()
+        epoch_batches = batches(epoch)
         bar = tqdm(
-            batches(epoch),
+            epoch_batches,
             desc=f"epoch {epoch}/{config.epochs}",
             total=batches_per_epoch,  # the bar's length and time left; None: a count only
             disable=not (progress and main),
             leave=False,
             unit="batch",
         )
-        for batch in bar:
-            rows = len(next(iter(batch.values())))
-            if rows < world:  # a tail batch too small to give every rank a row: skipped on all ranks
-                continue
-            local = distributed.shard(batch)
-            if device.type != "cpu":
-                local = {key: value.to(device, non_blocking=True) for key, value in local.items()}
-            loss = step_loss(local)
-            # The global batch's loss, the same on every rank, so a divergence stops every rank at once.
-            value = distributed.mean_over_ranks(loss.detach())
-            if not torch.isfinite(value):
-                raise FloatingPointError(
-                    f"loss is {value.item()} at epoch {epoch}, step {state['global_step']}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state["global_step"] += 1
-            loss_sum += value.item()
-            n_batches += 1
-            n_examples += rows
-            if n_batches % 10 == 0:
-                rate = n_examples / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", ex_s=f"{rate:,.0f}")
+        try:
+            for batch in bar:
+                rows = len(next(iter(batch.values())))
+                if rows < world:  # a tail batch too small to give every rank a row: skipped on all ranks
+                    continue
+                local = distributed.shard(batch)
+                if device.type != "cpu":
+                    local = {key: value.to(device, non_blocking=True) for key, value in local.items()}
+                loss = step_loss(local)
+                # The global batch's loss, the same on every rank: a divergence stops every rank at once.
+                value = distributed.mean_over_ranks(loss.detach())
+                if not torch.isfinite(value):
+                    raise FloatingPointError(
+                        f"loss is {value.item()} at epoch {epoch}, step {state['global_step']}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                state["global_step"] += 1
+                loss_sum += value.item()
+                n_batches += 1
+                n_examples += rows
+                if n_batches % 10 == 0:
+                    rate = n_examples / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", ex_s=f"{rate:,.0f}")
+        finally:
+            # Left by an error or an interrupt: close the epoch's iterator now (a prefetching one stops
+            # and joins its thread), not whenever the traceback that holds it is collected.
+            bar.close()
+            close = getattr(epoch_batches, "close", None)
+            if close is not None:
+                close()
         if n_batches == 0:  # the same on every rank: they all see the same batches
             raise ValueError(
                 f"epoch {epoch} produced no training batch: the training data is empty or smaller "
@@ -186,7 +201,7 @@ def fit(
 
     restored = stopping is not None and state["best_epoch"] is not None
     if restored:
-        model.load_state_dict(load_tensors(ckpt_dir / "best.safetensors"))
+        model.load_state_dict(load_tensors(_best_weights(ckpt_dir, state["best_epoch"])))
     elapsed = time.perf_counter() - start
     return FitResult(  # a best epoch only when its weights are the ones returned (not: resumed without)
         epochs_run=state["epoch"],
@@ -242,12 +257,26 @@ def _update_early_stopping(
     state["best_metric_name"] = metric  # what best_metric is a value of, for a resumed run to check
     if improved:
         state.update(best_metric=value, best_epoch=record["epoch"], bad_epochs=0)
-        save_tensors(ckpt_dir / "best.safetensors", model.state_dict())
+        # A file of its own per best epoch: the committed checkpoint's best epoch keeps its weights
+        # until the JSON naming the new best is written (save_checkpoint then removes the old file).
+        save_tensors(_best_path(ckpt_dir, record["epoch"]), model.state_dict())
     else:
         state["bad_epochs"] += 1
         if state["bad_epochs"] >= patience:
             log.info("early stop: %s did not improve for %d epochs", metric, patience)
             state["stopped"] = True
+
+
+def _best_path(ckpt_dir: Path, epoch: int) -> Path:
+    return ckpt_dir / f"best-epoch{epoch:04d}.safetensors"
+
+
+def _best_weights(ckpt_dir: Path, epoch: int) -> Path:
+    """The weights of best epoch ``epoch``: its own file, or ``best.safetensors`` as older versions
+    wrote it (one file, overwritten by every improvement)."""
+    path = _best_path(ckpt_dir, epoch)
+    legacy = ckpt_dir / "best.safetensors"
+    return legacy if not path.exists() and legacy.exists() else path
 
 
 def _format_record(record: dict[str, Any]) -> str:
@@ -268,10 +297,12 @@ def save_checkpoint(prefix: Path, model: nn.Module, optimizer: torch.optim.Optim
     """Write ``prefix-epochNNNN.safetensors`` (weights, optimizer tensors, RNG) and ``prefix.json``.
 
     The JSON is the commit record and names its tensors file: each epoch writes a new tensors file
-    first, then the JSON, then deletes older tensors files. A crash at any point leaves a JSON that
-    points at a complete tensors file of the same epoch. With several processes every rank calls it:
-    the ranks' RNG states are gathered (``rng.torch`` is rank 0's, ``rng.torch.rankR`` rank R's), rank 0
-    writes - weights and optimizer state are the same on every rank - and the others wait until it has.
+    first, then the JSON, then deletes older tensors files and best weights (``best-epochNNNN``) of
+    epochs the JSON does not name as the best. A crash at any point leaves a JSON that points at a
+    complete tensors file of the same epoch, and at its best epoch's weights. With several processes
+    every rank calls it: the ranks' RNG states are gathered (``rng.torch`` is rank 0's,
+    ``rng.torch.rankR`` rank R's), rank 0 writes - weights and optimizer state are the same on every
+    rank - and the others wait until it has.
     """
     rng = _rng_states(model)
     if distributed.is_main():
@@ -287,9 +318,17 @@ def save_checkpoint(prefix: Path, model: nn.Module, optimizer: torch.optim.Optim
         for old in prefix.parent.glob(f"{prefix.name}-epoch*.safetensors"):
             if old.name != tensors_name:
                 old.unlink(missing_ok=True)
+        # Best weights of epochs the committed JSON no longer names as the best (older ones, or one
+        # written by an epoch that a crash kept from being committed).
+        best = state.get("best_epoch")
+        keep = _best_weights(prefix.parent, best).name if best is not None else None
+        for old in [*prefix.parent.glob("best-epoch*.safetensors"), prefix.parent / "best.safetensors"]:
+            if old.name != keep:
+                old.unlink(missing_ok=True)
         # Temp files of writes that a crash interrupted (one checkpoint writer per run directory).
-        for stale in prefix.parent.glob(f".{prefix.name}-epoch*.safetensors.*.tmp"):
-            stale.unlink(missing_ok=True)
+        for pattern in (f".{prefix.name}-epoch*.safetensors.*.tmp", ".best-epoch*.safetensors.*.tmp"):
+            for stale in prefix.parent.glob(pattern):
+                stale.unlink(missing_ok=True)
     distributed.barrier()
 
 
