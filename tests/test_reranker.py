@@ -375,3 +375,15 @@ def test_a_context_value_only_validation_requests_have_is_left_out_of_validation
     # "tv" was never trained: it is not in the bias tower's vocabulary, and its request is not validated.
     assert ranker.context_vocabulary == ["desktop", "mobile"] and set(ranker.examination_curve) == set(ETA)
     assert summary["valid_sessions"] == 29 and "1 validation requests have a device value" in caplog.text
+
+
+def test_positions_the_log_never_shows_get_no_curve_of_untrained_embeddings(planted, tmp_path):
+    """A log that shows 6 items per request under max_position 10: positions 7-10 were never trained
+    on, so the ranker is built for positions 1-6 (later positions take the last one's value, as
+    everywhere positions past the table do) instead of reporting curve values of random embeddings."""
+    path = planted.write_csv(tmp_path / "log.csv", planted.simulate(400, 9))
+    frame = pd.read_csv(path)
+    frame[frame["position"] <= 6].to_csv(path, index=False)
+    ranker, _ = fit_run_ranker(planted.run_dir, path, _config(epochs=1))
+    assert ranker.model.num_positions == 6
+    assert {len(curve) for curve in ranker.examination_curve.values()} == {6}

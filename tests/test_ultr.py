@@ -319,3 +319,34 @@ def test_ipw_true_refuses_a_real_log(planted):
     quick = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
     with pytest.raises(ValueError, match="ipw-true needs the simulator's examination"):
         train_ranker("ipw-true", train, real, quick, seed=0)
+
+
+@pytest.mark.parametrize("adversary", ["mlp", "linear"])
+def test_valid_share_chooses_the_adversarial_method_on_its_click_likelihood_alone(
+    planted, adversary, monkeypatch
+):
+    """The adversary's term (its squared error, which the bias tower is paid to raise; or the linear
+    penalty) is no fit to the clicks: the held-out objective is the click log-likelihood alone."""
+    import twotower.ultr as ultr
+
+    train, _, log, _, cfg, _ = planted
+    ranker = {**cfg.ranker, "adversary": adversary}
+    train_config = cfg.train.model_copy(update={"epochs": 2})
+    cfg = cfg.model_copy(update={"valid_share": 0.2, "patience": 2, "ranker": ranker, "train": train_config})
+    seen = {}
+    real_fit = ultr.fit
+
+    def fit(model, batches, config, run_dir, validate=None, progress=False):
+        seen["validate"] = validate
+        return real_fit(model, batches, config, run_dir, validate=validate, progress=progress)
+
+    monkeypatch.setattr(ultr, "fit", fit)
+    model = train_ranker("two-tower-additive+adversarial", train, log, cfg, seed=0)
+    held = ultr.held_out_queries(log, 0.2, seed=0)
+    valid = ultr._session_batch(train, log.take(np.flatnonzero(held)))
+    with torch.no_grad():
+        (log_p, log_not), r, raw = model._click_log_probs(valid)
+        clicks, mask = valid["clicks"], valid["mask"]
+        loglik = (clicks * log_p + (1.0 - clicks) * log_not)[mask].mean().item()
+        assert model.adversary_loss(r, raw, mask).item() > 1e-4  # the term that must not count
+    assert seen["validate"]()["objective"] == pytest.approx(loglik, rel=1e-5)

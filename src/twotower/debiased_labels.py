@@ -128,9 +128,10 @@ def examination_propensity(
     """p(seen | position, context) per row from the ranker's bias tower, float64 ``[n]``.
 
     PAL: ``sigmoid(b)``. Additive: ``ranker.examination_curve`` (relative to position 1, so exactly 1
-    there). Positions past the ranker's last one (its ``max_position``) get the last one's value: they
-    were not trained on. A context value the ranker never saw (or ``contexts=None`` for a ranker
-    trained with a context) gets the curve averaged over the known values, unweighted: the ranker
+    there). Positions past the ranker's last one (the deepest its log showed, at most ``max_position``)
+    get the last one's value: they were not trained on. A context value the ranker never saw (or
+    ``contexts=None`` for a ranker trained with a context) gets the curve averaged over the known
+    values, unweighted: the ranker
     keeps no traffic shares, and a plain mean is what a new device is likeliest to be near.
     Values are clipped to at most 1 (an estimated relative curve can pass 1 by noise).
     """

@@ -303,8 +303,9 @@ class DebiasedRanker(nn.Module):
         for p in params:
             p.grad = None
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.task(self, batch)
+    def compute_loss(self, batch: dict[str, Tensor], adversary: bool = True) -> Tensor:
+        """The training loss; ``adversary=False`` leaves out the adversary's term (model selection)."""
+        return self.task(self, batch, adversary)
 
     @torch.no_grad()
     def score(self, features: Tensor, item: Tensor | None = None) -> Tensor:
@@ -319,14 +320,17 @@ class RankingTask(nn.Module):
         super().__init__()
         self.loss = loss
 
-    def forward(self, model: DebiasedRanker, batch: dict[str, Tensor]) -> Tensor:
+    def forward(self, model: DebiasedRanker, batch: dict[str, Tensor], adversary: bool = True) -> Tensor:
+        """``adversary=False``: the click loss alone, without the adversary's term. That term is a
+        min-max game's (the adversary's squared error, which the bias tower is paid to raise), not a
+        measure of how well the clicks are explained: it must not choose the training length."""
         mask = batch["mask"].float()
         if self.loss == "clicks":
             (log_p, log_not), r, raw_bias = model._click_log_probs(batch)
             clicks = batch["clicks"]
             nll = -(clicks * log_p + (1.0 - clicks) * log_not)
             loss = (nll * mask).sum() / mask.sum().clamp(min=1.0)
-            if model.config.adversarial > 0 and raw_bias is not None:
+            if adversary and model.config.adversarial > 0 and raw_bias is not None:
                 loss = loss + model.adversary_loss(r, raw_bias, batch["mask"])
             return loss
         r = model.relevance_logit(batch, batch["position"] if model.config.position_feature else None)

@@ -220,14 +220,17 @@ def fit_run_ranker(
     else:
         column, codes, vocabulary = None, np.zeros(int(keep.sum()), dtype=np.int64), ["all"]
 
-    n = lists.mask.shape[1]
+    # Positions up to the deepest one a kept request shows, not max_position: deeper ones were never
+    # trained on, and their curve values would be those of random embeddings (a deeper position is
+    # served the last one's value, as any position past the bias tower's table is).
+    n = int(np.flatnonzero(known[keep].any(axis=0)).max()) + 1
     sessions = {
         "user": torch.from_numpy(users[keep]),
-        "item": torch.from_numpy(np.where(known, items, 0)[keep]),
-        "mask": torch.from_numpy(known[keep]),
+        "item": torch.from_numpy(np.where(known, items, 0)[keep][:, :n]),
+        "mask": torch.from_numpy(known[keep][:, :n]),
         "position": torch.arange(1, n + 1).expand(int(keep.sum()), n).contiguous(),
         CONTEXT: torch.from_numpy(codes.astype(np.int64)),
-        "clicks": torch.from_numpy(lists.clicks[keep]),
+        "clicks": torch.from_numpy(lists.clicks[keep][:, :n]),
     }
 
     def batch(index: np.ndarray) -> dict[str, Tensor]:

@@ -94,7 +94,12 @@ class RunRankerConfig(SectionDefaults):
     columns: ImpressionColumns
     ranker: RankerConfig
     train: TrainConfig
-    max_position: int = Field(10, ge=1, description="slots per request; rows shown lower are ignored")
+    max_position: int = Field(
+        10,
+        ge=1,
+        description="slots per request; rows shown lower are ignored (the bias tower covers the positions "
+        "up to the deepest one the log shows, at most this)",
+    )
     bias_refit: bool = Field(
         True,
         description="after training, fit the bias tower alone to the exact optimum of the training "

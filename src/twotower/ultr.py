@@ -102,7 +102,8 @@ class UltrConfig(SectionDefaults):
         lt=1.0,
         description="share of the training queries whose sessions are held out to choose the training "
         "length: the weights of the epoch with the lowest held-out training objective (the method's own "
-        "loss: clicks for the click models, true labels only for the oracle), at most train.epochs",
+        "loss: clicks for the click models, without an adversary's term, true labels only for the "
+        "oracle), at most train.epochs",
     )
     patience: int = Field(3, ge=1, description="with valid_share: epochs without improvement before stopping")
     bias_refit_epochs: int = Field(
@@ -227,8 +228,8 @@ def train_ranker(
         valid = _session_batch(train, held_log, held_propensity, sim.click_model.epsilon)
 
         def validate() -> dict[str, float]:  # fit puts the model in eval mode first
-            with torch.no_grad():
-                return {"objective": -float(model.compute_loss(valid))}  # higher is better
+            with torch.no_grad():  # the adversary's term is no fit to the clicks: left out
+                return {"objective": -float(model.compute_loss(valid, adversary=False))}  # higher is better
 
         stopping = EarlyStoppingConfig(metric="objective", patience=config.patience)
         train_config = train_config.model_copy(update={"early_stopping": stopping})
