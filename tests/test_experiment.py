@@ -227,6 +227,25 @@ def test_an_evaluation_that_fails_when_training_again_leaves_no_metrics_of_the_o
     assert [h["epoch"] for h in json.loads((run_dir / "history.json").read_text())] == [1, 2]
 
 
+def test_a_crash_while_saving_the_model_leaves_no_model_json_beside_other_weights(tmp_path, monkeypatch):
+    import twotower.experiment as experiment
+
+    run_dir = tmp_path / "run"
+    train_run(tiny_config(epochs=1), run_dir, progress=False)
+    save_tensors = experiment.save_tensors
+
+    def crash_after_the_weights(path, tensors):
+        save_tensors(path, tensors)
+        if path.name == "model.safetensors":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "save_tensors", crash_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(tiny_config(epochs=1, seed=5), run_dir, progress=False)
+    # The old model.json (the seed-0 run's config, vocabularies) would have passed for the new weights.
+    assert (run_dir / "model.safetensors").exists() and not (run_dir / "model.json").exists()
+
+
 def test_a_data_error_leaves_no_run_directory(tmp_path):
     from twotower.config import RunConfig
 

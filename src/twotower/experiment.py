@@ -257,7 +257,12 @@ def _fit_summary(result: FitResult, total_seconds: float) -> dict[str, Any]:
 
 
 def save_model(model: TwoTowerModel, data: RetrievalData, config: RunConfig, run_dir: Path) -> None:
-    """Write the servable model: weights + tables (safetensors) and everything else (JSON)."""
+    """Write the servable model: weights + tables (safetensors) and everything else (JSON).
+
+    ``model.json`` is the commit record, as ``last.json`` is for checkpoints: the old one goes first and
+    the new one is written last, so a crash in between leaves no model to load rather than the old
+    model.json (ids, vocabularies, config) beside the new weights."""
+    (run_dir / "model.json").unlink(missing_ok=True)
     save_tensors(run_dir / "model.safetensors", model.state_dict())
     pairs = {"user_idx": data.train.user_idx, "item_idx": data.train.item_idx}
     if data.train.history_end is not None:  # what each pair's history may see (ties in time excluded)
