@@ -222,3 +222,21 @@ def test_requests_must_be_positive(world) -> None:
     retriever = _retriever(np.ones((2, 2)), np.eye(2)[[0, 1, 0, 1, 0]])
     with pytest.raises(ValueError, match="requests must be >= 1"):
         simulate_impressions(retriever, world, 0, shown=2, candidates=5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # shown=0 used to return an empty log, and shown=-2 fail with numpy's "negative dimensions".
+        ({"shown": 0}, "shown must be >= 1, got 0"),
+        ({"shown": -2}, "shown must be >= 1, got -2"),
+        # An empty device map used to fall back to DEFAULT_ETA silently.
+        ({"eta": {}}, "eta must name at least one device"),
+        # A NaN eta passed the `< 0` check and made every examination NaN: a log without a click.
+        ({"eta": {"tv": float("nan")}}, "eta must be >= 0"),
+    ],
+)
+def test_slate_size_and_device_curves_are_validated_with_clear_errors(world, kwargs, message) -> None:
+    retriever = _retriever(np.ones((2, 2)), np.eye(2)[[0, 1, 0, 1, 0]])  # a run with 5 items
+    with pytest.raises(ValueError, match=message):
+        simulate_impressions(retriever, world, 3, **{"shown": 2, "candidates": 5, **kwargs})

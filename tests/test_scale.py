@@ -98,3 +98,11 @@ def test_files_get_the_mode_a_plain_open_would_give(dataset):
     os.umask(umask)
     for path in (dataset.interactions, dataset.items, dataset.root / "scale.json"):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_a_negative_seed_is_refused_by_the_config():
+    # It used to validate, then fail in numpy with "expected non-negative integer", naming no field.
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="seed"):
+        ScaleConfig(seed=-1)

@@ -147,3 +147,9 @@ def test_side_features_carry_the_structure(world: SyntheticWorld, log: pd.DataFr
 def test_describe_mentions_sizes(world: SyntheticWorld):
     text = world.describe()
     assert "2000 users" in text and "1000 items" in text and "%" in text
+
+
+def test_a_negative_seed_is_refused_by_the_config():
+    # It used to validate, then fail in numpy with "expected non-negative integer", naming no field.
+    with pytest.raises(ValidationError, match="seed"):
+        WorldConfig(seed=-1)

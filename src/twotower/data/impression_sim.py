@@ -50,14 +50,19 @@ def simulate_impressions(
     relevance: Literal["affinity", "taste"] = "affinity",
 ) -> pd.DataFrame:
     """``requests`` logged requests over the run's catalogue (synthetic ids are world rows)."""
-    eta = eta or DEFAULT_ETA
+    eta = DEFAULT_ETA if eta is None else eta  # an empty dict is no device at all, not the default
     if relevance not in ("affinity", "taste"):
         raise ValueError(f"relevance must be 'affinity' or 'taste', got {relevance!r}")
     if requests < 1:
         raise ValueError(f"requests must be >= 1, got {requests}")
+    if shown < 1:  # 0 gave an empty log, a negative count numpy's "negative dimensions are not allowed"
+        raise ValueError(f"shown must be >= 1, got {shown}")
     if shown > candidates:
         raise ValueError(f"shown={shown} exceeds candidates={candidates}")
-    if any(e < 0 for e in eta.values()):  # (1 / position) ** eta would exceed 1
+    if not eta:
+        raise ValueError("eta must name at least one device")
+    # (1 / position) ** eta would exceed 1 below 0; a NaN eta would silently never click
+    if not all(e >= 0 for e in eta.values()):
         raise ValueError(f"eta must be >= 0 for every device, got {eta}")
     rng = np.random.default_rng([seed, 41])
     model = retriever.model

@@ -56,7 +56,7 @@ class ScaleConfig(BaseModel):
     skew: float = Field(3.0, ge=1, description="popularity: item rank = floor(n * U(0,1) ** skew)")
     row_group_size: int = Field(262_144, ge=1, description="rows per Parquet row group")
     chunk_rows: int = Field(1_048_576, ge=1, description="rows generated (and held) at once")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="numpy takes no negative seed")
 
 
 @dataclass(frozen=True)

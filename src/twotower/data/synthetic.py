@@ -52,7 +52,7 @@ class WorldConfig(BaseModel):
     popularity_strength: float = Field(1.0, ge=0, description="weight of the Zipf popularity logit")
     affinity_strength: float = Field(3.0, ge=0, description="weight of the user-item latent affinity")
     noise: float = Field(0.1, ge=0, description="per-coordinate std of user/item latent deviations")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="numpy takes no negative seed")
 
     @model_validator(mode="after")
     def _enough_items(self) -> WorldConfig:
