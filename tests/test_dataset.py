@@ -240,8 +240,9 @@ bob,22,99,0
 """
 
 
-def test_unclicked_rows_are_impressions_kept_before_the_users_first_test_event(tmp_path):
-    (tmp_path / "log.csv").write_text(IMPRESSIONS_LOG)
+def _impressions_data(tmp_path, log: str):
+    """``log`` (CSV with a clicked column) under the temporal protocol."""
+    (tmp_path / "log.csv").write_text(log)
     config = RunConfig.model_validate(
         {
             "data": {
@@ -252,7 +253,11 @@ def test_unclicked_rows_are_impressions_kept_before_the_users_first_test_event(t
             "eval": {"protocol": "temporal"},
         }
     )
-    data = build_retrieval_data(config)
+    return build_retrieval_data(config)
+
+
+def test_unclicked_rows_are_impressions_kept_before_the_users_first_test_event(tmp_path):
+    data = _impressions_data(tmp_path, IMPRESSIONS_LOG)
     assert list(data.raw.interactions.columns) == ["user_id", "item_id", "timestamp"]
     assert len(data.raw.interactions) == 4 and len(data.raw.impressions) == 3
     assert data.item_ids.tolist() == [10, 11, 12, 20, 21, 22]  # shown-only items are in the catalogue
@@ -265,19 +270,7 @@ def test_unclicked_rows_are_impressions_kept_before_the_users_first_test_event(t
 def test_impressions_stop_before_the_users_validation_event_under_the_temporal_protocol(tmp_path):
     # alice: 10 @10 trains, 11 @20 validates, 12 @30 tests. Her impression at 25 is after the validation
     # event: training on it would see the validation event's future (it was kept: only test cut).
-    log = IMPRESSIONS_LOG.replace("alice,21,30,0", "alice,21,25,0")
-    (tmp_path / "log.csv").write_text(log)
-    config = RunConfig.model_validate(
-        {
-            "data": {
-                "source": "files",
-                "interactions": str(tmp_path / "log.csv"),
-                "columns": {"timestamp": "ts", "clicked": "clicked"},
-            },
-            "eval": {"protocol": "temporal"},
-        }
-    )
-    data = build_retrieval_data(config)
+    data = _impressions_data(tmp_path, IMPRESSIONS_LOG.replace("alice,21,30,0", "alice,21,25,0"))
     assert _pairs(data, data.valid) == [("alice", 11)] and _pairs(data, data.test) == [("alice", 12)]
     assert _pairs(data, data.impressions) == [("alice", 20), ("bob", 22)]
 
