@@ -85,14 +85,10 @@ class ModelHolder:
         follow: int | None = None,
         publish: Callable[[], None] | None = None,
     ) -> Pipeline | None:
-        """Load ``source`` and serve it; the old pipeline keeps serving meanwhile.
-
-        ``follow``: the control file's generation this swap follows (another worker's reload). It is
-        skipped (None returned) when this worker has taken a newer generation while waiting for the
-        lock - its own reload, say - so a stale swap never lands after a newer one. It counts as taken
-        even if loading fails, so a broken swap is not retried every poll. ``publish`` (this worker's
-        own reload) runs once the new pipeline serves, under the same lock, to take a generation and
-        tell the other workers."""
+        """Load ``source`` and serve it (the old pipeline serves meanwhile). ``follow``: the control
+        file's generation of another worker's reload; skipped (None) if this worker took a newer one
+        while waiting for the lock, and taken even if loading fails (no retry every poll). ``publish``
+        (an own reload) takes a generation and tells the others, under the same lock."""
         with self._reload_lock:
             if follow is not None:
                 if follow <= self.generation:
