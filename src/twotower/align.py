@@ -211,7 +211,7 @@ def align_retrieval(
         bar = tqdm(
             order.split(config.users_per_step),
             desc=f"align {epoch}/{config.epochs}",
-            disable=not progress,
+            disable=None if progress else True,  # None: on a terminal only, as in train.fit
             leave=False,
         )
         for chunk in bar:
@@ -266,7 +266,8 @@ def distill_light_ranker(
     for epoch in range(1, config.epochs + 1):
         total, steps = 0.0, 0
         order = users[torch.randperm(len(users), generator=generator)]
-        for chunk in tqdm(order.split(config.users_per_step), disable=not progress, leave=False):
+        shown = None if progress else True  # None: on a terminal only, as in train.fit
+        for chunk in tqdm(order.split(config.users_per_step), disable=shown, leave=False):
             cand = items[chunk]
             features = pair_features(teacher.user_emb[chunk], teacher.item_emb[cand])
             student = model.relevance_logit({"features": features, "item": cand})

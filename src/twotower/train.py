@@ -134,7 +134,7 @@ def fit(
             epoch_batches,
             desc=f"epoch {epoch}/{config.epochs}",
             total=batches_per_epoch,  # the bar's length and time left; None: a count only
-            disable=not (progress and main),
+            disable=None if progress and main else True,  # None: a terminal only (no \r heaps in logs)
             leave=False,
             unit="batch",
         )
