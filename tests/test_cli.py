@@ -182,3 +182,27 @@ def test_serve_refuses_a_port_that_does_not_exist(tmp_path):
         result = runner.invoke(app, ["serve", str(tmp_path), "--port", port])
         assert result.exit_code == 2 and "serving" not in result.output, result.output
         assert "--port" in result.output and bound in result.output
+
+
+def test_recommend_runs_on_a_base_install_without_the_serve_extra(tmp_path):
+    # The demo (a base install: no FastAPI, no uvicorn) suggests `twotower recommend`; it used to import
+    # twotower.serve and fail with ModuleNotFoundError: fastapi.
+    import subprocess
+    import sys
+
+    from twotower.experiment import train_run
+
+    run_dir = tmp_path / "run"
+    train_run(tiny_config(epochs=1), run_dir, progress=False)
+    script = (
+        "import sys\n"
+        "sys.modules['fastapi'] = sys.modules['uvicorn'] = None  # as if not installed\n"
+        "from typer.testing import CliRunner\n"
+        "from twotower.cli import app\n"
+        f"result = CliRunner().invoke(app, ['recommend', {str(run_dir)!r}, '--user', '3', '-k', '2'])\n"
+        "print(result.output)\n"
+        "sys.exit(result.exit_code or (1 if result.exception else 0))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2." in done.stdout

@@ -177,8 +177,7 @@ def recommend(
     """Top-k items through the same pipeline as `twotower serve`: ids, scores and item metadata."""
     from pydantic import ValidationError
 
-    from twotower.pipeline import RecommendRequest, RequestError
-    from twotower.serve import load_pipeline
+    from twotower.pipeline import RecommendRequest, RequestError, load_pipeline  # no FastAPI needed
 
     try:
         pipeline = load_pipeline(path)

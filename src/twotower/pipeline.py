@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -29,11 +30,19 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from twotower.export import ExportedRun
+from twotower.export import ExportedRun, load_export, resolve_export
 from twotower.features import IdFeature
 from twotower.ids import IdLookup
+from twotower.index import IndexConfig
 
-__all__ = ["Pipeline", "RecommendRequest", "RecommendResponse", "RequestError", "stage_sizes"]
+__all__ = [
+    "Pipeline",
+    "RecommendRequest",
+    "RecommendResponse",
+    "RequestError",
+    "load_pipeline",
+    "stage_sizes",
+]
 
 MAX_K = 1000
 Value = str | int | float | bool | None
@@ -50,6 +59,14 @@ def stage_sizes(k: int, retrieve_n: int, light_n: int, light: bool, main: bool) 
     if not (light or main):
         return k, light_keep
     return max(k, retrieve_n, light_keep if light else 0), light_keep
+
+
+def load_pipeline(
+    path: str | Path, retrieve_n: int | None = None, index: IndexConfig | None = None, light_n: int = 100
+) -> Pipeline:
+    """The pipeline of a run directory or an export (a run without an export is exported first). Here,
+    not in ``twotower.serve``: ``twotower recommend`` runs it on a base install, without FastAPI."""
+    return Pipeline(load_export(resolve_export(path, index)), retrieve_n=retrieve_n, light_n=light_n)
 
 
 class RequestError(ValueError):

@@ -50,22 +50,15 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from twotower import __version__
-from twotower.export import load_export, resolve_export
+from twotower.export import resolve_export
 from twotower.index import IndexConfig
-from twotower.pipeline import Pipeline, RecommendRequest, RecommendResponse, RequestError
+from twotower.pipeline import Pipeline, RecommendRequest, RecommendResponse, RequestError, load_pipeline
 from twotower.storage import read_json, write_json
 
 __all__ = ["ModelHolder", "ReloadRequest", "create_app", "load_pipeline", "serve"]
 
 log = logging.getLogger("twotower")
 _BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-
-
-def load_pipeline(
-    path: str | Path, retrieve_n: int | None = None, index: IndexConfig | None = None, light_n: int = 100
-) -> Pipeline:
-    """The pipeline of a run directory or an export (a run without an export is exported first)."""
-    return Pipeline(load_export(resolve_export(path, index)), retrieve_n=retrieve_n, light_n=light_n)
 
 
 class ModelHolder:
