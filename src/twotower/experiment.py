@@ -194,10 +194,6 @@ def _train_run(
     metrics: dict[str, Any] = {}
     if main:  # evaluation and files on rank 0; the others wait in from_main for its metrics
         remove_stale_results(run_dir)
-        # The previous weights' metrics and history go before the new weights are written: an
-        # evaluation that fails below would otherwise leave them beside the new model, passing for its.
-        for name in ("metrics.json", "history.json"):
-            (run_dir / name).unlink(missing_ok=True)
         # The model first: an evaluation that fails (memory on a large catalogue, an interrupt, the
         # other ranks' collective timing out while rank 0 evaluates) must not lose the trained weights.
         save_model(model, data, config, run_dir)
@@ -210,20 +206,22 @@ def _train_run(
 
 # What a run directory holds about the previous weights besides the export (rebuilt on demand): the
 # report, metrics of other protocols (`evaluate --protocol`), the demo's funnel and summary.
-# metrics.json and history.json are rewritten with the new weights.
 STALE_RESULTS = ("report.html", "report", "funnel.json", "demo_summary.json", "metrics-*.json")
+# Rewritten with the new weights, and so removed before they are saved: an evaluation that fails after
+# the save would otherwise leave the old ones beside the new model, passing for its.
+REWRITTEN = ("metrics.json", "history.json")
 
 
 def remove_stale_results(run_dir: Path) -> None:
-    """Remove the export and STALE_RESULTS from ``run_dir``: new weights are being saved there (a run
-    trained again into the same directory, or resumed), and what was derived from the old ones would
-    pass for theirs. ``recommend`` / ``serve`` use RUN_DIR/export when it exists, so an old export would
-    be served silently; it is re-exported on first use."""
+    """Remove the export, STALE_RESULTS and REWRITTEN from ``run_dir``: new weights are being saved
+    there (a run trained again into the same directory, or resumed), and what was derived from the old
+    ones would pass for theirs. ``recommend`` / ``serve`` use RUN_DIR/export when it exists, so an old
+    export would be served silently; it is re-exported on first use."""
     export = Path(run_dir) / "export"
     if (export / "manifest.json").exists():  # an export, not a folder of the user's that has the name
         log.info("removing %s: it was exported from the previous weights", export)
         shutil.rmtree(export)
-    for pattern in STALE_RESULTS:
+    for pattern in (*STALE_RESULTS, *REWRITTEN):
         for path in Path(run_dir).glob(pattern):
             log.info("removing %s: it describes the previous weights", path)
             (shutil.rmtree if path.is_dir() else Path.unlink)(path)
